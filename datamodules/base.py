@@ -1,0 +1,138 @@
+"""A LightningDataModule over the event store: batches are built on the training device.
+
+DataLoaders yield only sample indices (cheap, no worker processes, DDP-shardable by Lightning's
+distributed sampler); ``on_after_batch_transfer`` turns them into dense (B, n_in, T) counts by
+scatter-add from the store held on the model's device.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.events import EventStore
+
+log = logging.getLogger(__name__)
+
+
+class IndexDataset(Dataset):
+    """Indices into one store; a batch of them is collated to ``{"store": name, "idx": (B,)}``."""
+
+    def __init__(self, indices: np.ndarray) -> None:
+        self.indices = np.asarray(indices, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> int:
+        return int(self.indices[i])
+
+
+def collate_indices(items: list[int], store: str) -> dict:
+    return {"store": store, "idx": torch.tensor(items, dtype=torch.long)}
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out ``fraction`` of each class (seeded); returns (train_idx, val_idx)."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {fraction}")
+    rng = np.random.default_rng(seed)
+    val = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        rng.shuffle(members)
+        val.append(members[: int(round(fraction * len(members)))])
+    val = np.sort(np.concatenate(val)) if val else np.zeros(0, np.int64)
+    train = np.setdiff1d(np.arange(len(labels)), val)
+    return train, val
+
+
+class EventDataModule(pl.LightningDataModule):
+    """Base for every dataset: subclasses implement ``load_split(name) -> EventStore``.
+
+    Splits: ``train`` and ``test`` come from the store of the same name; ``val`` is either a
+    ``valid`` store (``has_valid_file``) or a seeded, stratified ``val_fraction`` of train.
+    """
+
+    name = "events"
+    has_valid_file = False
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        n_in: int,
+        n_classes: int,
+        t_len: int,
+        dt_ms: float,
+        batch_size: int = 128,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"dataset.batch_size must be an integer >= 1, got {batch_size!r}")
+        self.data_dir = Path(data_dir)
+        self.n_in, self.n_classes, self.t_len, self.dt_ms = n_in, n_classes, t_len, dt_ms
+        self.batch_size, self.val_fraction, self.split_seed = batch_size, val_fraction, split_seed
+        self.stores: dict[str, EventStore] = {}
+        self.split_indices: dict[str, tuple[str, np.ndarray]] = {}
+        self._on_device: dict[tuple[str, str], EventStore] = {}
+
+    def load_split(self, split: str) -> EventStore:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.split_indices:
+            return
+        for split in ("train", "test") + (("valid",) if self.has_valid_file else ()):
+            self.stores[split] = self.load_split(split)
+        train = self.stores["train"]
+        if self.has_valid_file:
+            train_idx, val = np.arange(len(train)), ("valid", np.arange(len(self.stores["valid"])))
+        else:
+            train_idx, val_idx = stratified_split(train.labels.numpy(), self.val_fraction, self.split_seed)
+            val = ("train", val_idx)
+        self.split_indices = {
+            "train": ("train", train_idx),
+            "val": val,
+            "test": ("test", np.arange(len(self.stores["test"]))),
+        }
+        for split, (store, idx) in self.split_indices.items():
+            log.info("%s %s: %d samples", self.name, split, len(idx))
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        store, idx = self.split_indices[split]
+        return DataLoader(
+            IndexDataset(idx),
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            collate_fn=partial(collate_indices, store=store),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def store_on(self, name: str, device: torch.device) -> EventStore:
+        """The store ``name`` on ``device``, moved there once and kept."""
+        key = (name, str(device))
+        if key not in self._on_device:
+            self._on_device[key] = self.stores[name].to(device)
+        return self._on_device[key]
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> tuple[Tensor, Tensor]:
+        idx = batch["idx"]
+        store = self.store_on(batch["store"], idx.device)
+        return store.dense(idx), store.labels[idx]

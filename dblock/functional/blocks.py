@@ -1,0 +1,23 @@
+"""How the T time steps split into d blocks (SPEC §3)."""
+
+from __future__ import annotations
+
+
+def check_d(d: int, t_len: int) -> None:
+    """Raise ``ValueError`` naming d and T unless ``1 <= d <= T``."""
+    if isinstance(d, bool) or not isinstance(d, int):
+        raise ValueError(f"d must be an integer number of blocks, got d={d!r} (T={t_len})")
+    if not 1 <= d <= t_len:
+        raise ValueError(
+            f"d={d} is out of range for T={t_len} time steps: d must satisfy 1 <= d <= T"
+        )
+
+
+def block_lengths(t_len: int, d: int) -> list[int]:
+    """Lengths of the blocks: ``d`` blocks of ``floor(T / d)`` plus a remainder block if any."""
+    check_d(d, t_len)
+    length = t_len // d
+    lengths = [length] * d
+    if t_len - d * length > 0:
+        lengths.append(t_len - d * length)
+    return lengths

@@ -1,0 +1,44 @@
+"""The standard (multi-spike) LIF neuron with reset by subtraction (SPEC §2)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from dblock.functional.surrogate import fast_sigmoid
+
+
+def lif_neurons(
+    current: Tensor,
+    beta: Tensor,
+    recurrent_weight: Tensor | None = None,
+    recurrent_bias: Tensor | None = None,
+    scale: float = 10.0,
+) -> Tensor:
+    """Standard LIF spikes, sequential over time (SPEC §2).
+
+    ``V_0 = I_0``; ``V_t = beta (V_{t-1} - S_{t-1}) + I_t [+ sg(S_{t-1}) W_rec^T + b_rec]``;
+    ``S_t = H(V_t - 1)`` with the fast-sigmoid surrogate. The gradient flows through the reset.
+
+    Args:
+        current: (B, N, T) input current. beta: (N,). recurrent_weight: (N, N) or None.
+        recurrent_bias: (N,) or None. scale: surrogate slope.
+
+    Returns:
+        spikes (B, N, T).
+    """
+    # Iterate over a time-major tensor with unbind: indexing current[..., t] on a tensor that
+    # needs grad makes the backward O(T^2).
+    steps = current.permute(2, 0, 1).contiguous().unbind(0)
+    out = []
+    v = steps[0]
+    for t, i_t in enumerate(steps):
+        if t > 0:
+            v = beta * (v - s) + i_t
+            if recurrent_weight is not None:
+                v = v + s.detach() @ recurrent_weight.t()
+                if recurrent_bias is not None:
+                    v = v + recurrent_bias
+        s = fast_sigmoid(v - 1.0, scale)
+        out.append(s)
+    return torch.stack(out).permute(1, 2, 0)

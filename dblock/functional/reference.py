@@ -1,0 +1,100 @@
+"""Plain step-by-step loops written straight from SPEC §2-4: the ground truth for tests.
+
+No vectorisation and no tricks; slow on purpose. Autograd runs through these loops, so their
+gradients are the reference gradients too.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from dblock.functional.blocks import block_lengths
+from dblock.functional.surrogate import fast_sigmoid
+
+
+def dblock_neurons(
+    current: Tensor,
+    beta: Tensor,
+    d: int,
+    recurrent_weight: Tensor | None = None,
+    recurrent_bias: Tensor | None = None,
+    detach_recurrent: bool = True,
+    scale: float = 10.0,
+) -> Tensor:
+    """SPEC §3 simulated one step at a time. (B, N, T) -> (B, N, T)."""
+    batch, n, t_len = current.shape
+    spikes = []
+    start = 0
+    recurrent = torch.zeros(batch, n, dtype=current.dtype, device=current.device)
+    for length in block_lengths(t_len, d):
+        u = torch.zeros_like(recurrent)
+        c_sum = torch.zeros_like(recurrent)  # running sum of candidates
+        z = torch.zeros_like(recurrent)  # running sum of c_sum
+        block = []
+        for tau in range(length):
+            j = current[:, :, start + tau]
+            if tau == 0:
+                j = j + recurrent
+            u = beta * u + j
+            c = fast_sigmoid(u - 1.0, scale)
+            c_sum = c_sum + c
+            z = z + c_sum
+            block.append(z - (z * (z != 1)).detach())
+        block = torch.stack(block, dim=-1)
+        spikes.append(block)
+        if recurrent_weight is not None:
+            fired = block.amax(dim=-1)
+            if detach_recurrent:
+                fired = fired.detach()
+            recurrent = fired @ recurrent_weight.t()
+            if recurrent_bias is not None:
+                recurrent = recurrent + recurrent_bias
+        start += length
+    return torch.cat(spikes, dim=-1)
+
+
+def lif_neurons(
+    current: Tensor,
+    beta: Tensor,
+    recurrent_weight: Tensor | None = None,
+    recurrent_bias: Tensor | None = None,
+    scale: float = 10.0,
+) -> Tensor:
+    """SPEC §2 one step at a time. (B, N, T) -> (B, N, T)."""
+    spikes = []
+    for t in range(current.shape[-1]):
+        if t == 0:
+            v = current[:, :, 0]
+        else:
+            v = beta * (v - s) + current[:, :, t]
+            if recurrent_weight is not None:
+                v = v + s.detach() @ recurrent_weight.t()
+                if recurrent_bias is not None:
+                    v = v + recurrent_bias
+        s = fast_sigmoid(v - 1.0, scale)
+        spikes.append(s)
+    return torch.stack(spikes, dim=-1)
+
+
+def leaky_readout(
+    current: Tensor, beta: Tensor, d: int | None = None, reduce: str = "sum"
+) -> Tensor:
+    """SPEC §4 one step at a time. (B, C, T) -> logits (B, C)."""
+    t_len = current.shape[-1]
+    starts = {0}
+    if d is not None:
+        start = 0
+        for length in block_lengths(t_len, d):
+            starts.add(start)
+            start += length
+    trace = []
+    for t in range(t_len):
+        u = current[:, :, t] if t in starts else beta * u + current[:, :, t]
+        trace.append(u)
+    trace = torch.stack(trace, dim=-1)
+    if reduce == "sum":
+        return trace.sum(-1)
+    if reduce == "max":
+        return trace.amax(-1)
+    raise ValueError(f"unknown readout reduce {reduce!r}; valid: sum, max")

@@ -1,0 +1,73 @@
+"""Whole networks: hidden spiking layers and a leaky readout."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from torch import Tensor, nn
+
+from dblock.nn import DBlockLayer, LeakyReadout, LIFLayer
+
+MODELS: dict[str, type[nn.Module]] = {"dblock": DBlockLayer, "standard": LIFLayer}
+
+
+def get_layer(model: str) -> type[nn.Module]:
+    """The hidden-layer class for ``model``; unknown names raise ``ValueError``."""
+    try:
+        return MODELS[model]
+    except KeyError:
+        raise ValueError(f"unknown model {model!r}; valid: {', '.join(sorted(MODELS))}") from None
+
+
+class Output(NamedTuple):
+    logits: Tensor  # (B, n_classes)
+    spikes: Tensor  # (B,) hidden spikes per sample, summed over hidden layers
+
+
+class SNNClassifier(nn.Module):
+    """Hidden layers of d-block or standard neurons followed by a leaky readout.
+
+    Input (B, n_in, T) counts; output logits (B, n_classes) and hidden spikes per sample (B,).
+    The d-block readout restarts with the hidden layers' blocks; the standard one never does.
+    """
+
+    def __init__(
+        self,
+        n_in: int,
+        n_hidden: int = 128,
+        n_layers: int = 1,
+        n_classes: int = 20,
+        model: str = "dblock",
+        d: int = 10,
+        recurrent: bool = True,
+        detach_recurrent: bool = True,
+        reduce: str = "sum",
+        t_len: int | None = None,
+        scale: float = 10.0,
+    ) -> None:
+        super().__init__()
+        layer = get_layer(model)
+        if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
+            raise ValueError(f"n_layers must be an integer >= 1, got n_layers={n_layers!r}")
+        self.model = model
+        sizes = [n_in] + [n_hidden] * n_layers
+        self.hidden = nn.ModuleList(
+            layer(
+                n_in=a,
+                n_out=b,
+                d=d,
+                recurrent=recurrent,
+                detach_recurrent=detach_recurrent,
+                t_len=t_len,
+                scale=scale,
+            )
+            for a, b in zip(sizes[:-1], sizes[1:])
+        )
+        self.readout = LeakyReadout(n_hidden, n_classes, d if model == "dblock" else None, reduce)
+
+    def forward(self, x: Tensor) -> Output:
+        spike_count = 0
+        for layer in self.hidden:
+            x = layer(x)
+            spike_count = spike_count + x.detach().sum(dim=(1, 2))
+        return Output(self.readout(x), spike_count)

@@ -1,0 +1,169 @@
+"""Fast kernels against the step-by-step reference (SPEC §2-4), and the model's invariants."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dblock import functional as F
+from dblock.functional import reference as R
+
+SHAPES = [  # (B, N, T, d)
+    (3, 5, 20, 3),
+    (2, 4, 17, 17),  # d = T
+    (2, 3, 10, 1),  # d = 1
+    (2, 6, 11, 4),  # remainder block longer than L
+    (2, 6, 10, 4),  # remainder block as long as L
+    (1, 7, 23, 5),  # batch 1
+    (4, 8, 50, 7),
+    (2, 3, 1, 1),  # T = 1
+]
+
+
+def make(b, n, t, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    current = (torch.randn(b, n, t, generator=g, dtype=dtype) * 0.8 + 0.45).requires_grad_()
+    beta = (torch.rand(n, generator=g, dtype=dtype) * 0.9 + 0.05).requires_grad_()
+    weight = (torch.randn(n, n, generator=g, dtype=dtype) * 0.7).requires_grad_()
+    bias = (torch.randn(n, generator=g, dtype=dtype) * 0.2).requires_grad_()
+    return current, beta, weight, bias
+
+
+def grads(fn, inputs, seed=1):
+    out = fn()
+    g = torch.Generator().manual_seed(seed)
+    probe = torch.randn(out.shape, generator=g, dtype=out.dtype)
+    got = torch.autograd.grad((out * probe).sum(), inputs, allow_unused=True)
+    # an input that cannot matter (beta when every block has length 1) has zero gradient
+    return out, [torch.zeros_like(x) if g is None else g for g, x in zip(got, inputs)]
+
+
+@pytest.mark.parametrize("b,n,t,d", SHAPES)
+@pytest.mark.parametrize("mode", ["feedforward", "detached", "attached"])
+def test_dblock_matches_reference(b, n, t, d, mode):
+    current, beta, weight, bias = make(b, n, t, seed=b * 100 + t)
+    kw = {}
+    if mode != "feedforward":
+        kw = dict(recurrent_weight=weight, recurrent_bias=bias, detach_recurrent=mode == "detached")
+    inputs = [current, beta] + ([weight, bias] if kw else [])
+    fast, fast_g = grads(lambda: F.dblock_neurons(current, beta, d, **kw), inputs)
+    ref, ref_g = grads(lambda: R.dblock_neurons(current, beta, d, **kw), inputs)
+    assert fast.shape == (b, n, t)
+    assert torch.equal(fast, ref)
+    assert set(fast.unique().tolist()) <= {0.0, 1.0}
+    for got, want in zip(fast_g, ref_g):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_dblock_float32_spikes_match_reference():
+    current, beta, weight, bias = make(8, 16, 64, dtype=torch.float32)
+    fast = F.dblock_neurons(current, beta, 8, weight, bias)
+    ref = R.dblock_neurons(current, beta, 8, weight, bias)
+    assert (fast != ref).float().mean() < 1e-3  # float32 rounding may flip a spike at U == 1
+
+
+@pytest.mark.parametrize("b,n,t,d", SHAPES)
+def test_one_spike_per_block(b, n, t, d):
+    current, beta, weight, bias = make(b, n, t)
+    spikes = F.dblock_neurons(current * 3, beta, d, weight, bias)
+    start = 0
+    for length in F.block_lengths(t, d):
+        assert spikes[:, :, start : start + length].sum(-1).max() <= 1
+        start += length
+
+
+def test_block_lengths():
+    assert F.block_lengths(10, 3) == [3, 3, 3, 1]
+    assert F.block_lengths(11, 4) == [2, 2, 2, 2, 3]
+    assert F.block_lengths(9, 3) == [3, 3, 3]
+    assert F.block_lengths(5, 5) == [1] * 5
+    assert sum(F.block_lengths(500, 30)) == 500
+
+
+def test_recurrent_spike_arrives_at_next_block_start():
+    """Neuron 0 fires mid-block 0; neuron 1 (no input of its own) fires at block 1's start."""
+    t, d = 12, 3  # blocks [0,4) [4,8) [8,12)
+    current = torch.zeros(1, 2, t, dtype=torch.float64)
+    current[0, 0, 2] = 5.0  # neuron 0 fires at t = 2, in block 0 only
+    beta = torch.full((2,), 0.5, dtype=torch.float64)
+    weight = torch.tensor([[0.0, 0.0], [5.0, 0.0]], dtype=torch.float64)
+    for fn in (F.dblock_neurons, R.dblock_neurons):
+        spikes = fn(current, beta, d, weight, None)
+        assert spikes[0, 0].nonzero().flatten().tolist() == [2]
+        assert spikes[0, 1].nonzero().flatten().tolist() == [4]
+
+
+def test_recurrent_effect_is_delayed_by_one_block():
+    current, beta, weight, bias = make(2, 6, 24)
+    base = F.dblock_neurons(current, beta, 4, weight, bias)
+    other = F.dblock_neurons(current, beta, 4, weight * 3, bias + 1)
+    assert torch.equal(base[..., :6], other[..., :6])  # block 0 cannot see the recurrence
+    assert not torch.equal(base[..., 6:], other[..., 6:])
+
+
+def test_d1_recurrence_has_no_effect():
+    current, beta, weight, bias = make(3, 5, 30)
+    ff = F.dblock_neurons(current, beta, 1)
+    rec = F.dblock_neurons(current, beta, 1, weight, bias)
+    assert torch.equal(ff, rec)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 21, 2.5])
+def test_d_out_of_range(bad):
+    current, beta, _, _ = make(1, 2, 20)
+    with pytest.raises(ValueError, match=rf"d={bad}.*T=20|T=20.*d={bad}"):
+        F.dblock_neurons(current, beta, bad)
+
+
+def test_fast_sigmoid_gradient():
+    x = torch.tensor([-0.2, 0.0, 0.1, 0.5], dtype=torch.float64, requires_grad=True)
+    s = F.fast_sigmoid(x, 10.0)
+    assert s.tolist() == [0.0, 0.0, 1.0, 1.0]  # strict: H(0) = 0
+    (g,) = torch.autograd.grad(s.sum(), x)
+    torch.testing.assert_close(g, 1 / (10 * x.detach().abs() + 1) ** 2)
+
+
+@pytest.mark.parametrize("b,n,t,d", SHAPES[:5])
+@pytest.mark.parametrize("recurrent", [False, True])
+def test_lif_matches_reference(b, n, t, d, recurrent):
+    current, beta, weight, bias = make(b, n, t, seed=t)
+    kw = dict(recurrent_weight=weight, recurrent_bias=bias) if recurrent else {}
+    inputs = [current, beta] + ([weight, bias] if recurrent else [])
+    fast, fast_g = grads(lambda: F.lif_neurons(current, beta, **kw), inputs)
+    ref, ref_g = grads(lambda: R.lif_neurons(current, beta, **kw), inputs)
+    assert torch.equal(fast, ref)
+    for got, want in zip(fast_g, ref_g):
+        torch.testing.assert_close(got, want)
+
+
+def test_lif_multi_spike_and_reset():
+    current = torch.full((1, 1, 6), 1.5, dtype=torch.float64)
+    spikes = F.lif_neurons(current, torch.tensor([1.0], dtype=torch.float64))
+    # V: 1.5 (S) -> 0.5+1.5=2.0 (S) -> 2.5 (S) ...: a neuron may fire at every step
+    assert spikes.flatten().tolist() == [1.0] * 6
+
+
+@pytest.mark.parametrize("d", [None, 1, 3, 7, 20])
+@pytest.mark.parametrize("reduce", ["sum", "max"])
+def test_readout_matches_reference(d, reduce):
+    current, beta, _, _ = make(3, 4, 20)
+    fast, fast_g = grads(lambda: F.leaky_readout(current, beta, d, reduce), [current, beta])
+    ref, ref_g = grads(lambda: R.leaky_readout(current, beta, d, reduce), [current, beta])
+    torch.testing.assert_close(fast, ref)
+    for got, want in zip(fast_g, ref_g):
+        torch.testing.assert_close(got, want)
+
+
+def test_readout_restarts_at_blocks():
+    current = torch.zeros(1, 1, 6, dtype=torch.float64)
+    current[0, 0, 0] = 1.0
+    beta = torch.tensor([0.5], dtype=torch.float64)
+    assert F.leaky_readout(current, beta, None).item() == pytest.approx(1 + 0.5 + 0.25 + 0.125 + 0.0625 + 0.03125)
+    assert F.leaky_readout(current, beta, 2).item() == pytest.approx(1 + 0.5 + 0.25)
+
+
+def test_unknown_reduce():
+    current, beta, _, _ = make(1, 2, 5)
+    with pytest.raises(ValueError, match="sum, max"):
+        F.leaky_readout(current, beta, None, "mean")
