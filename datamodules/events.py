@@ -53,17 +53,21 @@ class EventStore:
     def dense(self, idx: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
         """Count tensor (B, n_in, T) of samples ``idx`` (B,), built on the store's device."""
         idx = idx.to(self.offsets.device, torch.long)
+        dev, b, size = idx.device, idx.shape[0], self.n_in * self.t_len
         starts = self.offsets[idx]
         counts = self.offsets[idx + 1] - starts
         total = int(counts.sum())
-        rows = torch.repeat_interleave(torch.arange(idx.shape[0], device=idx.device), counts)
         # position of each gathered event in the flat arrays
-        shift = torch.repeat_interleave(starts - (counts.cumsum(0) - counts), counts)
-        pos = torch.arange(total, device=idx.device) + shift
-        flat = (rows * self.n_in + self.units[pos].long()) * self.t_len + self.bins[pos].long()
-        out = torch.zeros(idx.shape[0] * self.n_in * self.t_len, dtype=dtype, device=idx.device)
-        out.index_add_(0, flat, torch.ones(total, dtype=dtype, device=idx.device))
-        return out.view(idx.shape[0], self.n_in, self.t_len)
+        shift = torch.repeat_interleave(starts - (counts.cumsum(0) - counts), counts, output_size=total)
+        pos = torch.arange(total, device=dev).add_(shift)
+        # flat index (row * n_in + unit) * T + bin, accumulated in int64
+        flat = torch.repeat_interleave(
+            torch.arange(0, b * size, size, device=dev), counts, output_size=total
+        )
+        flat.add_(self.units[pos], alpha=self.t_len).add_(self.bins[pos])
+        out = torch.zeros(b * size, dtype=dtype, device=dev)
+        out.index_add_(0, flat, torch.ones((), dtype=dtype, device=dev).expand(total))
+        return out.view(b, self.n_in, self.t_len)
 
     def state(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
