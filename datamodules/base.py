@@ -8,6 +8,7 @@ scatter-add from the store held on the model's device.
 from __future__ import annotations
 
 import logging
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -135,6 +136,9 @@ class EventDataModule(pl.LightningDataModule):
             "test": ("test", np.arange(len(self.stores["test"]))),
         }
         for split, (store, idx) in self.split_indices.items():
+            if split == "val" and len(idx) == 0:
+                log.info("%s val: none (val_fraction=0)", self.name)
+                continue
             log.info("%s %s: %s", self.name, split, self.describe(store, idx))
 
     def describe(self, store: str, idx: np.ndarray) -> str:
@@ -164,6 +168,7 @@ class EventDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader | list:
         if len(self.split_indices["val"][1]) == 0:
+            warnings.filterwarnings("ignore", message=".*Total length of .* across ranks is zero")
             return []  # val_fraction = 0: no validation split
         return self._loader("val", shuffle=False)
 

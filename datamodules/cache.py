@@ -2,7 +2,7 @@
 
 A split's store is written once as an uncompressed ``.npz`` (flat int16 units and bins,
 offsets, labels, per-sample drop counts) under the cache directory, named by a key that hashes
-the source files' identity (resolved path, size, modification time in ns), ``dt``, ``T``,
+the source files' identity (absolute path, size, modification time in ns), ``dt``, ``T``,
 ``n_in``, ``n_classes`` and the cache format version. Any change to those gives a new key, so a
 stale entry is never read; older entries of the same split are deleted when a new one is written.
 """
@@ -28,11 +28,11 @@ ARRAYS = ("units", "bins", "offsets", "labels", "dropped", "raw_counts")
 
 
 def file_identity(paths: Iterable[Path]) -> list[tuple[str, int, int]]:
-    """(resolved path, size, mtime_ns) of each file: the source part of a cache key."""
+    """(absolute path, size, mtime_ns) of each file: the source part of a cache key."""
     out = []
     for p in paths:
         st = os.stat(p)
-        out.append((str(Path(p).resolve()), st.st_size, st.st_mtime_ns))
+        out.append((os.path.abspath(p), st.st_size, st.st_mtime_ns))
     return out
 
 

@@ -56,7 +56,7 @@ def encode_nmnist(x, y, p, t_us, overflow_after: int | None = None) -> bytes:
     """
     t_us = np.asarray(t_us, dtype=np.int64).copy()
     recs = []
-    for i, (a, b, c, t) in enumerate(zip(x, y, p, t_us)):
+    for i, (a, b, c, t) in enumerate(zip(x, y, p, t_us, strict=True)):
         if overflow_after is not None and i == overflow_after:
             recs.append([0, 240, 0, 0, 0])
         if overflow_after is not None and i >= overflow_after:

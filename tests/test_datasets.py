@@ -31,8 +31,8 @@ def from_config(name: str, data_dir: Path, *overrides: str):
 def hand_dense(times, units, n_in, t_len, dt_ms, scale=1000.0):
     """Dense counts by a plain loop over events: SPEC §6 binning."""
     out = torch.zeros(len(times), n_in, t_len)
-    for i, (ts, us) in enumerate(zip(times, units)):
-        for t, u in zip(ts, us):
+    for i, (ts, us) in enumerate(zip(times, units, strict=True)):
+        for t, u in zip(ts, us, strict=True):
             b = round(float(t) * scale / dt_ms)
             if b < t_len:
                 out[i, int(u), b] += 1
@@ -139,6 +139,20 @@ def test_run_py_trains_on_shd_dir(shd_dir, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in (shd_dir / "SHD").iterdir()) == ["shd_test.h5", "shd_train.h5"]
+
+
+def test_run_py_missing_data_is_a_clear_error(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), "dataset=shd", f"paths.data_dir={tmp_path / 'd'}",
+         "dataset.download=false", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert str(tmp_path / "d" / "SHD" / "shd_train.h5") in proc.stderr
+    assert "shd_test.h5.zip" in proc.stderr
 
 
 # --- the cache ------------------------------------------------------------------------------
@@ -258,7 +272,8 @@ def write_one(root, times, units, labels):
 def test_unit_beyond_n_in(tmp_path):
     dm = write_one(tmp_path, [np.array([0.1]), np.array([0.1, 0.2])], [np.array([3]),
                                                                        np.array([1, 700])], [0, 1])
-    with pytest.raises(DataError, match=r"shd_train.h5: sample 1 has unit 700 .*n_in to at least 701"):
+    msg = r"shd_train.h5: sample 1 has unit 700 .*n_in to at least 701"
+    with pytest.raises(DataError, match=msg):
         dm.load_split("train")
 
 
@@ -322,3 +337,18 @@ def test_ssc_bad_split_name_is_listed(ssc_dir, monkeypatch):
     dm = SSCDataModule(ssc_dir, n_in=700, n_classes=35, t_len=500, dt_ms=2.0)
     with pytest.raises(DataError, match=r"ssc_valid.h5  \[missing\]"):
         dm.setup()
+
+
+def test_bench_data_smoke(tmp_path):
+    """The benchmark script runs end to end on a tiny dataset and reports its ratios."""
+    import importlib.util
+
+    path = ROOT / "experiments" / "bench_data.py"
+    spec = importlib.util.spec_from_file_location("bench_data", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    res = bench.main(["--samples", "24", "--mean-events", "100", "--batch", "8", "--t-len", "50",
+                      "--model-batches", "1", "--device", "cpu", "--dir", str(tmp_path)])
+    assert res["samples"] == 24 and res["events"] > 0
+    assert res["speedup_epoch"] > 0 and res["data_fraction_of_dblock_epoch"] > 0
+    assert (tmp_path / "SHD" / "shd_train.h5").is_file()
