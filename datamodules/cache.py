@@ -4,7 +4,8 @@ A split's store is written once as an uncompressed ``.npz`` (flat int16 units an
 offsets, labels, per-sample drop counts) under the cache directory, named by a key that hashes
 the source files' identity (absolute path, size, modification time in ns), ``dt``, ``T``,
 ``n_in``, ``n_classes`` and the cache format version. Any change to those gives a new key, so a
-stale entry is never read; older entries of the same split are deleted when a new one is written.
+stale entry is never read. Each split keeps its ``KEEP`` most recently used entries (a sweep over
+dt or T does not rebuild every time); older ones are deleted when a new one is written.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from datamodules.events import EventStore
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
+KEEP = 4  # entries kept per split
 ARRAYS = ("units", "bins", "offsets", "labels", "dropped", "raw_counts")
 
 
@@ -69,6 +71,13 @@ def load_store(path: Path, key: str) -> EventStore | None:
     return EventStore(n_in=meta["n_in"], t_len=meta["t_len"], **arrays)
 
 
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:  # deleted meanwhile by another process
+        return 0.0
+
+
 def cached_store(
     cache_dir: Path | None,
     name: str,
@@ -89,13 +98,17 @@ def cached_store(
     store = load_store(path, key)
     if store is not None:
         log.debug("%s: read from cache %s", name, path)
+        try:
+            os.utime(path)  # most recently used
+        except OSError:
+            pass
         return store
     store = build()
     try:
         save_store(path, store, key)
-        for old in Path(cache_dir).glob(f"{name}-*.npz"):
-            if old != path:
-                old.unlink(missing_ok=True)
+        entries = sorted(Path(cache_dir).glob(f"{name}-*.npz"), key=_mtime, reverse=True)
+        for old in entries[KEEP:]:
+            old.unlink(missing_ok=True)
         log.info("%s: cached in %s", name, path)
     except OSError as err:
         log.warning("cannot write the cache %s (%s); continuing without it", path, err)

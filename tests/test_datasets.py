@@ -188,7 +188,11 @@ def test_cache_is_used_and_invalidated(shd_dir, monkeypatch):
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
     load(dt_ms=4.0)
     assert len(built) == 4  # the source changed
-    assert len(list((shd_dir / "cache" / "shd").glob("shd_train-*.npz"))) == 1  # stale pruned
+    load(t_len=200)
+    from datamodules.cache import KEEP
+
+    assert len(built) == 5
+    assert len(list((shd_dir / "cache" / "shd").glob("shd_train-*.npz"))) == KEEP == 4
 
 
 def test_corrupt_cache_is_rebuilt(shd_dir):
