@@ -190,6 +190,26 @@ def store_from_flat(
     )
 
 
+def concat_stores(stores: list[EventStore]) -> EventStore:
+    """One store holding the samples of ``stores`` in order (same ``n_in`` and ``t_len``)."""
+    first = stores[0]
+    offsets = [torch.zeros(1, dtype=torch.long)]
+    base = 0
+    for s in stores:
+        offsets.append(s.offsets[1:] + base)
+        base += s.n_events
+    return EventStore(
+        units=torch.cat([s.units for s in stores]),
+        bins=torch.cat([s.bins for s in stores]),
+        offsets=torch.cat(offsets),
+        labels=torch.cat([s.labels for s in stores]),
+        n_in=first.n_in,
+        t_len=first.t_len,
+        dropped=torch.cat([s.dropped for s in stores]),
+        raw_counts=torch.cat([s.raw_counts for s in stores]),
+    )
+
+
 def build_store(
     times: list[np.ndarray],
     units: list[np.ndarray],

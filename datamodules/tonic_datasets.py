@@ -20,7 +20,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from datamodules.base import EventDataModule
-from datamodules.events import DataError, EventStore, check_events, read_h5, store_from_flat
+from datamodules.events import (
+    DataError,
+    EventStore,
+    check_events,
+    concat_stores,
+    read_h5,
+    store_from_flat,
+)
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +204,7 @@ def read_nmnist(
     files, labels = list_nmnist(folder, n_classes)
     if not files:
         raise DataError(f"{folder}: no N-MNIST .bin files under {folder}/<digit>/")
-    counts, bins, units = [], [], []
+    parts = []
     bar = tqdm(total=len(files), desc=f"decoding {folder.name}", unit="file", disable=None)
     for lo in range(0, len(files), chunk):
         part = files[lo : lo + chunk]
@@ -224,14 +231,10 @@ def read_nmnist(
         check_events(str(folder), offsets, None, u, labels[lo : lo + chunk], n_in, n_classes,
                      unit_name="input x + 34 y")
         b = np.round(t / (1000.0 * dt_ms))
-        counts.append(c)
-        bins.append(b)
-        units.append(u)
+        parts.append(store_from_flat(c, b, u, labels[lo : lo + chunk], n_in, t_len))
         bar.update(len(part))
     bar.close()
-    return store_from_flat(
-        np.concatenate(counts), np.concatenate(bins), np.concatenate(units), labels, n_in, t_len
-    )
+    return concat_stores(parts)
 
 
 class NMNISTDataModule(TonicDataModule):

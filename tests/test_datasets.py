@@ -356,3 +356,15 @@ def test_bench_data_smoke(tmp_path):
     assert res["samples"] == 24 and res["events"] > 0
     assert res["speedup_epoch"] > 0 and res["data_fraction_of_dblock_epoch"] > 0
     assert (tmp_path / "SHD" / "shd_train.h5").is_file()
+
+
+def test_nmnist_chunked_conversion_is_identical(nmnist_dir):
+    from datamodules.tonic_datasets import read_nmnist
+
+    folder = nmnist_dir / "NMNIST" / "Train"
+    whole = read_nmnist(folder, 1156, 300, 1.0, 10)
+    chunked = read_nmnist(folder, 1156, 300, 1.0, 10, chunk=7)
+    for name in ("units", "bins", "offsets", "labels", "dropped", "raw_counts"):
+        assert torch.equal(getattr(whole, name), getattr(chunked, name)), name
+    idx = torch.tensor([29, 0, 8, 7])
+    assert torch.equal(whole.dense(idx), chunked.dense(idx))
