@@ -8,6 +8,7 @@ scatter-add from the store held on the model's device.
 from __future__ import annotations
 
 import logging
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.cache import cached_store
 from datamodules.events import EventStore
 
 log = logging.getLogger(__name__)
@@ -40,7 +42,8 @@ def collate_indices(items: list[int], store: str) -> dict:
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Hold out ``fraction`` of each class (seeded); returns (train_idx, val_idx)."""
+    """Hold out ``fraction`` of each class (seeded; at least one sample of every class with two
+    or more when ``fraction > 0``); returns (train_idx, val_idx)."""
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {fraction}")
     rng = np.random.default_rng(seed)
@@ -48,7 +51,10 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     for c in np.unique(labels):
         members = np.flatnonzero(labels == c)
         rng.shuffle(members)
-        val.append(members[: int(round(fraction * len(members)))])
+        k = int(round(fraction * len(members)))
+        if fraction > 0 and len(members) > 1:
+            k = min(max(k, 1), len(members) - 1)  # a requested split is never silently empty
+        val.append(members[:k])
     val = np.sort(np.concatenate(val)) if val else np.zeros(0, np.int64)
     train = np.setdiff1d(np.arange(len(labels)), val)
     return train, val
@@ -59,6 +65,9 @@ class EventDataModule(pl.LightningDataModule):
 
     Splits: ``train`` and ``test`` come from the store of the same name; ``val`` is either a
     ``valid`` store (``has_valid_file``) or a seeded, stratified ``val_fraction`` of train.
+    ``val_fraction=0`` means no validation split at all (no val loader), for the protocol that
+    keeps the checkpoint with the lowest training loss. Binned stores are cached on disk under
+    ``cache_dir`` (default ``<data_dir>/cache``; ``cache=False`` turns the cache off).
     """
 
     name = "events"
@@ -74,6 +83,8 @@ class EventDataModule(pl.LightningDataModule):
         batch_size: int = 128,
         val_fraction: float = 0.1,
         split_seed: int = 0,
+        cache: bool = True,
+        cache_dir: str | Path | None = None,
     ) -> None:
         super().__init__()
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -81,6 +92,10 @@ class EventDataModule(pl.LightningDataModule):
         self.data_dir = Path(data_dir)
         self.n_in, self.n_classes, self.t_len, self.dt_ms = n_in, n_classes, t_len, dt_ms
         self.batch_size, self.val_fraction, self.split_seed = batch_size, val_fraction, split_seed
+        if not cache:
+            self.cache_dir = None
+        else:
+            self.cache_dir = Path(cache_dir) if cache_dir is not None else self.data_dir / "cache"
         self.stores: dict[str, EventStore] = {}
         self.split_indices: dict[str, tuple[str, np.ndarray]] = {}
         self._on_device: dict[tuple[str, str], EventStore] = {}
@@ -88,13 +103,29 @@ class EventDataModule(pl.LightningDataModule):
     def load_split(self, split: str) -> EventStore:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def load_cached(self, split: str, sources: list[Path], build) -> EventStore:
+        """``build()`` the store of ``split`` from ``sources``, through the on-disk cache."""
+        return cached_store(
+            None if self.cache_dir is None else self.cache_dir / self.name,
+            f"{self.name}_{split}",
+            sources,
+            build,
+            dt_ms=float(self.dt_ms),
+            t_len=int(self.t_len),
+            n_in=int(self.n_in),
+            n_classes=int(self.n_classes),
+        )
+
     def setup(self, stage: str | None = None) -> None:
         if self.split_indices:
             return
-        for split in ("train", "test") + (("valid",) if self.has_valid_file else ()):
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"dataset.val_fraction must be in [0, 1), got {self.val_fraction}")
+        use_valid = self.has_valid_file and self.val_fraction > 0
+        for split in ("train", "test") + (("valid",) if use_valid else ()):
             self.stores[split] = self.load_split(split)
         train = self.stores["train"]
-        if self.has_valid_file:
+        if use_valid:
             train_idx, val = np.arange(len(train)), ("valid", np.arange(len(self.stores["valid"])))
         else:
             train_idx, val_idx = stratified_split(train.labels.numpy(), self.val_fraction, self.split_seed)
@@ -105,7 +136,23 @@ class EventDataModule(pl.LightningDataModule):
             "test": ("test", np.arange(len(self.stores["test"]))),
         }
         for split, (store, idx) in self.split_indices.items():
-            log.info("%s %s: %d samples", self.name, split, len(idx))
+            if split == "val" and len(idx) == 0:
+                log.info("%s val: none (val_fraction=0)", self.name)
+                continue
+            log.info("%s %s: %s", self.name, split, self.describe(store, idx))
+
+    def describe(self, store: str, idx: np.ndarray) -> str:
+        """Samples, events, events dropped beyond T, empty samples and classes of a split."""
+        s = self.stores[store]
+        idx_t = torch.as_tensor(idx, dtype=torch.long)
+        events = int((s.offsets[idx_t + 1] - s.offsets[idx_t]).sum())
+        dropped = int(s.dropped[idx_t].sum()) if s.dropped is not None else 0
+        empty = int((s.raw_counts[idx_t] == 0).sum()) if s.raw_counts is not None else 0
+        classes = len(torch.unique(s.labels[idx_t]))
+        return (
+            f"{len(idx)} samples ({empty} empty), {events} events, {dropped} dropped beyond "
+            f"T={s.t_len}, {classes} classes (store {store!r})"
+        )
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         store, idx = self.split_indices[split]
@@ -119,7 +166,10 @@ class EventDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list:
+        if len(self.split_indices["val"][1]) == 0:
+            warnings.filterwarnings("ignore", message=".*Total length of .* across ranks is zero")
+            return []  # val_fraction = 0: no validation split
         return self._loader("val", shuffle=False)
 
     def test_dataloader(self) -> DataLoader:

@@ -113,4 +113,9 @@ class BurstsDataModule(EventDataModule):
             write_h5(path, times, units, labels, attrs={"generator": key})
 
     def load_split(self, split: str) -> EventStore:
-        return read_h5(self.path(split), self.n_in, self.t_len, self.dt_ms)
+        path = self.path(split)
+        if not path.is_file():
+            self.prepare_data()
+        return self.load_cached(
+            split, [path], lambda: read_h5(path, self.n_in, self.t_len, self.dt_ms, self.n_classes)
+        )

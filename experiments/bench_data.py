@@ -1,0 +1,199 @@
+"""Data-path benchmark: one epoch of SHD-sized batches through dblock's loader vs tonic's.
+
+Generates SHD-sized data (8156 training samples by default, several thousand events each over
+700 units in about 1 s) in the real layout (``<dir>/SHD/shd_{train,test}.h5``, vlen float16
+times, vlen uint16 units), then, in one run on one machine:
+
+- dblock: bulk read + binning + cache write (once), cached reload (later runs), and one epoch of
+  batches built on the device by ``SHDDataModule.on_after_batch_transfer``;
+- tonic: ``tonic.datasets.SHD`` with ``tonic.transforms.ToFrame`` (dt bins up to T) and a torch
+  ``DataLoader``, batches moved to the same device;
+- a d-block training epoch of the default SHD model (fwd + bwd + Adam), estimated from a few
+  batches and extrapolated to the epoch's batch count.
+
+    MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000 python experiments/bench_data.py
+    python experiments/bench_data.py --samples 64 --mean-events 300   # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from datamodules.events import write_h5  # noqa: E402
+from datamodules.tonic_datasets import SHDDataModule  # noqa: E402
+
+N_IN, N_CLASSES = 700, 20
+
+
+def generate_shd_like(path: Path, n: int, mean_events: float, seed: int) -> int:
+    """Write ``n`` SHD-like samples to ``path``; returns the number of events written."""
+    rng = np.random.default_rng(seed)
+    times, units = [], []
+    for _ in range(n):
+        k = max(1, int(rng.gamma(4.0, mean_events / 4.0)))
+        duration = rng.uniform(0.6, 1.3)  # some events beyond 1 s are dropped at T = 500
+        times.append(np.sort(rng.uniform(0.0, duration, k)))
+        units.append(np.clip(rng.normal(350, 150, k), 0, N_IN - 1).astype(np.int64))
+    write_h5(path, times, units, rng.integers(0, N_CLASSES, n), speakers=rng.integers(0, 10, n))
+    return int(sum(len(t) for t in times))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_dblock(root: Path, args, device: torch.device) -> dict:
+    def module():
+        return SHDDataModule(root, n_in=N_IN, n_classes=N_CLASSES, t_len=args.t_len,
+                             dt_ms=args.dt_ms, batch_size=args.batch, val_fraction=0.0,
+                             download=False)
+
+    shutil.rmtree(root / "cache", ignore_errors=True)
+    t0 = time.perf_counter()
+    module().setup()  # bulk read, bin, write the cache
+    cold = time.perf_counter() - t0
+    dm = module()
+    t0 = time.perf_counter()
+    dm.setup()  # from the cache
+    cached = time.perf_counter() - t0
+    dm.store_on("train", device)  # held on the device for the whole run
+    sync(device)
+    n_batches, total = 0, 0.0
+    t0 = time.perf_counter()
+    for batch in dm.train_dataloader():
+        batch["idx"] = batch["idx"].to(device)
+        x, y = dm.on_after_batch_transfer(batch, 0)
+        total += float(x.sum()) if n_batches == 0 else 0.0
+        n_batches += 1
+    sync(device)
+    epoch = time.perf_counter() - t0
+    return {"cold_load_s": cold, "cached_load_s": cached, "epoch_s": epoch,
+            "batches": n_batches, "first_batch_events": total, "dm": dm}
+
+
+def time_tonic(root: Path, args, device: torch.device) -> dict:
+    import tonic
+    from tonic.transforms import ToFrame
+    from torch.utils.data import DataLoader
+
+    # tonic checks that its archive exists before using the extracted file: an empty stand-in
+    (root / "SHD" / "shd_train.h5.zip").touch()
+    window_us = args.dt_ms * 1000.0
+    frame = ToFrame(sensor_size=(N_IN, 1, 1), time_window=window_us, start_time=0,
+                    end_time=args.t_len * window_us)
+    ds = tonic.datasets.SHD(save_to=str(root), train=True, transform=frame)
+    loader = DataLoader(ds, batch_size=args.batch, shuffle=True, num_workers=args.tonic_workers)
+    n_batches = 0
+    t0 = time.perf_counter()
+    for x, y in loader:
+        x = x.to(device).float().squeeze(2).transpose(1, 2)  # (B, T, 1, 700) -> (B, 700, T)
+        y = y.to(device)
+        n_batches += 1
+    sync(device)
+    return {"epoch_s": time.perf_counter() - t0, "batches": n_batches, "shape": tuple(x.shape)}
+
+
+def time_model(dm: SHDDataModule, args, device: torch.device) -> dict:
+    from torch.nn import functional as F
+
+    from dblock.models import SNNClassifier
+
+    net = SNNClassifier(n_in=N_IN, n_hidden=128, n_layers=1, n_classes=N_CLASSES, model="dblock",
+                        d=10, t_len=args.t_len).to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    batches = (b for _ in itertools.count() for b in dm.train_dataloader())
+
+    def step() -> None:
+        batch = next(batches)
+        batch["idx"] = batch["idx"].to(device)
+        x, y = dm.on_after_batch_transfer(batch, 0)
+        loss = F.cross_entropy(net(x).logits, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    step()  # warm-up
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(args.model_batches):
+        step()
+    sync(device)
+    return {"per_batch_s": (time.perf_counter() - t0) / args.model_batches}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--samples", type=int, default=8156, help="training samples (SHD: 8156)")
+    p.add_argument("--mean-events", type=float, default=5000.0, help="mean events per sample")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--t-len", type=int, default=500)
+    p.add_argument("--dt-ms", type=float, default=2.0)
+    p.add_argument("--model-batches", type=int, default=3, help="timed d-block training batches")
+    p.add_argument("--tonic-workers", type=int, default=0, help="DataLoader workers for tonic")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dir", type=Path, default=None, help="data directory (default: a temp dir)")
+    p.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.dir or Path(tmp)
+        t0 = time.perf_counter()
+        n_events = generate_shd_like(root / "SHD" / "shd_train.h5", args.samples,
+                                     args.mean_events, 0)
+        generate_shd_like(root / "SHD" / "shd_test.h5", max(1, args.samples // 32),
+                          args.mean_events, 1)
+        print(f"generated {args.samples} samples, {n_events} events "
+              f"({n_events / args.samples:.0f}/sample) in {time.perf_counter() - t0:.1f} s "
+              f"under {root}; device {device}, {torch.get_num_threads()} torch threads")
+        ours = time_dblock(root, args, device)
+        theirs = time_tonic(root, args, device)
+        model = time_model(ours.pop("dm"), args, device)
+
+    model_epoch = model["per_batch_s"] * ours["batches"]
+    res = {
+        "samples": args.samples, "events": n_events, "batch": args.batch, "t_len": args.t_len,
+        "dt_ms": args.dt_ms, "device": str(device),
+        "dblock_epoch_s": ours["epoch_s"], "dblock_cold_load_s": ours["cold_load_s"],
+        "dblock_cached_load_s": ours["cached_load_s"], "tonic_epoch_s": theirs["epoch_s"],
+        "speedup_epoch": theirs["epoch_s"] / ours["epoch_s"],
+        "speedup_epoch_incl_cached_load": theirs["epoch_s"]
+        / (ours["epoch_s"] + ours["cached_load_s"]),
+        "speedup_epoch_incl_cold_load": theirs["epoch_s"] / (ours["epoch_s"] + ours["cold_load_s"]),
+        "model_epoch_s_estimated": model_epoch,
+        "data_fraction_of_dblock_epoch": ours["epoch_s"] / model_epoch,
+    }
+    print(f"dblock: cold load {ours['cold_load_s']:.2f} s (once), cached load "
+          f"{ours['cached_load_s']:.2f} s (per run), epoch of {ours['batches']} batches "
+          f"{ours['epoch_s']:.3f} s")
+    print(f"tonic : SHD + ToFrame + DataLoader({args.tonic_workers} workers), epoch of "
+          f"{theirs['batches']} batches {theirs['epoch_s']:.2f} s")
+    print(f"ratio tonic / dblock per epoch: {res['speedup_epoch']:.1f}x "
+          f"(with dblock's cached load: {res['speedup_epoch_incl_cached_load']:.1f}x, "
+          f"with its cold first load: {res['speedup_epoch_incl_cold_load']:.1f}x)")
+    print(f"d-block training epoch (default SHD model, estimated from {args.model_batches} "
+          f"batches x {ours['batches']}): {model_epoch:.2f} s; dblock's data path is "
+          f"{100 * res['data_fraction_of_dblock_epoch']:.2f} % of it")
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=2) + "\n")
+    return res
+
+
+if __name__ == "__main__":
+    main()
