@@ -114,14 +114,20 @@ class PaperRecipe(pl.callbacks.ModelCheckpoint):
     ) -> None:
         kwargs.setdefault("save_on_train_epoch_end", True)
         super().__init__(
-            monitor=monitor, mode=mode, filename=filename, save_top_k=1, auto_insert_metric_name=False, **kwargs
+            monitor=monitor,
+            mode=mode,
+            filename=filename,
+            save_top_k=1,
+            auto_insert_metric_name=False,
+            **kwargs,
         )
         self.milestones = sorted(int(m) for m in milestones)
         self.applied: list[int] = []
 
     def _reload_best(self, trainer: pl.Trainer) -> bool:
         if not self.best_model_path:
-            log.warning("recipe: no %s checkpoint saved yet (epoch %d); weights kept", self.monitor, trainer.current_epoch)
+            epoch = trainer.current_epoch
+            log.warning("recipe: no %s checkpoint yet (epoch %d); weights kept", self.monitor, epoch)
             return False
         checkpoint = trainer.strategy.load_checkpoint(self.best_model_path)
         trainer.strategy.load_model_state_dict(checkpoint)

@@ -66,21 +66,24 @@ def test_reloads_best_weights_and_restarts_adam_at_milestone(tmp_path):
     start = module.at_start[3]
     assert module.at_start[2]["adam_state"] > 0          # Adam had state before the milestone
     assert start["adam_state"] == 0                      # ... and none right after it
-    assert same(start["weights"], module.snapshots[1])   # the lowest-loss epoch (1), not the last (2)
+    assert same(start["weights"], module.snapshots[1])   # lowest-loss epoch (1), not the last (2)
     assert not same(start["weights"], module.snapshots[2])
     assert abs(start["lr"] - 0.01) < 1e-12               # the scheduled lr cut is kept
     assert recipe.applied == [3]
-    assert float(recipe.best_model_score) == 1.0 and recipe.best_model_path.endswith("best-train-loss.ckpt")
+    assert float(recipe.best_model_score) == 1.0
+    assert recipe.best_model_path.endswith("best-train-loss.ckpt")
     final = {k: v for k, v in module.state_dict().items()}
     assert same(final, module.snapshots[1])              # the reported model is the best checkpoint
 
 
 def test_recipe_state_resumes(tmp_path):
     first = Scripted()
-    trainer(tmp_path, 4, PaperRecipe(milestones=[3], dirpath=tmp_path / "ckpt", save_last=True)).fit(first, loader())
+    first_recipe = PaperRecipe(milestones=[3], dirpath=tmp_path / "ckpt", save_last=True)
+    trainer(tmp_path, 4, first_recipe).fit(first, loader())
     resumed = Scripted()
     recipe = PaperRecipe(milestones=[3], dirpath=tmp_path / "ckpt", save_last=True)
-    trainer(tmp_path, 5, recipe).fit(resumed, loader(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    last = str(tmp_path / "ckpt" / "last.ckpt")
+    trainer(tmp_path, 5, recipe).fit(resumed, loader(), ckpt_path=last)
     assert recipe.applied == [3] and float(recipe.best_model_score) == 1.0
     assert resumed.at_start[4]["adam_state"] > 0         # not restarted again after resuming
 
@@ -89,7 +92,8 @@ def test_recipe_on_snn_task(tmp_path):
     net = SNNClassifier(n_in=8, n_hidden=8, n_layers=1, n_classes=3, model="dblock", d=2, t_len=6)
     task = SNNTask(net, n_classes=3, lr=1e-2, milestones=[1])
     g = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.poisson(torch.full((24, 8, 6), 0.5), generator=g), torch.randint(0, 3, (24,), generator=g))
+    x = torch.poisson(torch.full((24, 8, 6), 0.5), generator=g)
+    data = TensorDataset(x, torch.randint(0, 3, (24,), generator=g))
     recipe = PaperRecipe(milestones=[1], dirpath=tmp_path / "ckpt")
     trainer(tmp_path, 2, recipe).fit(task, DataLoader(data, batch_size=8))
     assert recipe.applied == [1] and recipe.best_model_path
