@@ -127,7 +127,7 @@ class PaperRecipe(pl.callbacks.ModelCheckpoint):
     def _reload_best(self, trainer: pl.Trainer) -> bool:
         if not self.best_model_path:
             epoch = trainer.current_epoch
-            log.warning("recipe: no %s checkpoint yet (epoch %d); weights kept", self.monitor, epoch)
+            log.warning("recipe: no %s checkpoint (epoch %d); weights kept", self.monitor, epoch)
             return False
         checkpoint = trainer.strategy.load_checkpoint(self.best_model_path)
         trainer.strategy.load_model_state_dict(checkpoint)
