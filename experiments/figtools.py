@@ -12,7 +12,16 @@ from pathlib import Path
 
 log = logging.getLogger("figures")
 
-CONFIG_KEYS = ("dataset", "model", "d", "layers", "n_hidden", "recurrent", "detach_recurrent", "seed")
+CONFIG_KEYS = (
+    "dataset",
+    "model",
+    "d",
+    "layers",
+    "n_hidden",
+    "recurrent",
+    "detach_recurrent",
+    "seed",
+)
 
 
 def load_results(dirs: Iterable[str | Path]) -> list[dict]:
@@ -24,12 +33,16 @@ def load_results(dirs: Iterable[str | Path]) -> list[dict]:
     found: dict[tuple, dict] = {}
     for root in map(Path, dirs):
         if not root.is_dir():
-            raise FileNotFoundError(f"no such sweep directory: {root} (pass the folder a sweep wrote)")
+            raise FileNotFoundError(
+                f"no such sweep directory: {root} (pass the folder a sweep wrote)"
+            )
         for path in sorted(root.rglob("results.json")):
             try:
                 rec = json.loads(path.read_text())
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path} is not valid JSON ({err}); delete or rerun that job") from err
+                raise ValueError(
+                    f"{path} is not valid JSON ({err}); delete or rerun that job"
+                ) from err
             missing = [k for k in CONFIG_KEYS if k not in rec]
             if missing:
                 raise ValueError(f"{path} lacks {missing}: not a dblock results.json")
@@ -38,7 +51,9 @@ def load_results(dirs: Iterable[str | Path]) -> list[dict]:
             key = tuple(rec[k] for k in CONFIG_KEYS)
             if key in found:
                 old, new = sorted((found[key], rec), key=lambda r: r["mtime"])
-                log.warning("duplicate run %s: using %s, ignoring %s", key, new["path"], old["path"])
+                log.warning(
+                    "duplicate run %s: using %s, ignoring %s", key, new["path"], old["path"]
+                )
                 rec = new
             found[key] = rec
     if not found:

@@ -70,7 +70,9 @@ def heatmap(panel: str, device: str, grid: dict[tuple[int, int], float], scope: 
     ref = paper.FIG3A if panel == "a" else {}
     fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(xs), 1.0 + 0.55 * len(ds)))
     finite = values[np.isfinite(values)]
-    norm = LogNorm(vmin=max(finite.min(), 1e-2), vmax=max(finite.max(), 1.0)) if finite.size else None
+    norm = (
+        LogNorm(vmin=max(finite.min(), 1e-2), vmax=max(finite.max(), 1.0)) if finite.size else None
+    )
     im = ax.imshow(values, cmap="viridis", norm=norm, aspect="auto", origin="lower")
     for i, d in enumerate(ds):
         for j, x in enumerate(xs):
@@ -79,18 +81,34 @@ def heatmap(panel: str, device: str, grid: dict[tuple[int, int], float], scope: 
                 if ref.get(d, {}).get(x) is not None:
                     text += f"\n({ref[d][x]:g})"
                 light = norm is not None and norm(values[i, j]) > 0.6
-                ax.text(j, i, text, ha="center", va="center", fontsize=7, color="k" if light else "w")
+                ax.text(
+                    j, i, text, ha="center", va="center", fontsize=7, color="k" if light else "w"
+                )
     ax.set_xticks(range(len(xs)), [str(x) for x in xs])
     ax.set_yticks(range(len(ds)), [str(d) for d in ds])
-    ax.set(xlabel="t (time steps)" if AXIS[panel] == "t_len" else "n (neurons)", ylabel="d",
-           title=f"Fig. 3{panel}, {device}, {scope}: speedup" + (", ours (paper)" if ref else ""))
+    ax.set(
+        xlabel="t (time steps)" if AXIS[panel] == "t_len" else "n (neurons)",
+        ylabel="d",
+        title=f"Fig. 3{panel}, {device}, {scope}: speedup" + (", ours (paper)" if ref else ""),
+    )
     fig.colorbar(im, ax=ax, label="standard / d-block time")
-    rows = [[d] + [f"{grid[(d, x)]:.2f}" + (f" ({ref[d][x]:g})" if ref.get(d, {}).get(x) else "")
-                   if (d, x) in grid else "—" for x in xs] for d in ds]
+    rows = [
+        [d]
+        + [
+            f"{grid[(d, x)]:.2f}" + (f" ({ref[d][x]:g})" if ref.get(d, {}).get(x) else "")
+            if (d, x) in grid
+            else "—"
+            for x in xs
+        ]
+        for d in ds
+    ]
     table = markdown_table([f"d \\ {'t' if AXIS[panel] == 't_len' else 'n'}", *map(str, xs)], rows)
     lo, hi = paper.FIG3_RANGE[panel]
-    table += (f"\nOurs: {finite.min():.2f}x to {finite.max():.2f}x; paper (A100): {lo}x to {hi}x."
-              + (" Cells: ours (paper)." if ref else "") + "\n")
+    table += (
+        f"\nOurs: {finite.min():.2f}x to {finite.max():.2f}x; paper (A100): {lo}x to {hi}x."
+        + (" Cells: ours (paper)." if ref else "")
+        + "\n"
+    )
     return fig, table
 
 
@@ -98,13 +116,19 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("csv", help="the speed benchmark's CSV")
     parser.add_argument("--out", default="outputs/figures", help="folder for the PNGs and tables")
-    parser.add_argument("--scope", default="layer", choices=["layer", "neurons"],
-                        help="whole layer (paper) or neurons only")
+    parser.add_argument(
+        "--scope",
+        default="layer",
+        choices=["layer", "neurons"],
+        help="whole layer (paper) or neurons only",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     grids = speedups(read_csv(Path(args.csv)), args.scope)
     if not grids:
-        raise ValueError(f"{args.csv} has no d-block/standard pairs for panels a-d, scope {args.scope}")
+        raise ValueError(
+            f"{args.csv} has no d-block/standard pairs for panels a-d, scope {args.scope}"
+        )
     written = []
     for (panel, device), grid in sorted(grids.items()):
         fig, table = heatmap(panel, device, grid, args.scope)

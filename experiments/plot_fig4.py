@@ -42,17 +42,35 @@ def panel_a(recs, ds, ref_ds):
     fig, ax = plt.subplots(figsize=(5, 3.6))
     rows, names = [], {False: "feedforward", True: "recurrent"}
     for i, rec in enumerate((False, True)):
-        runs = [r for r in dblock_runs(recs, layers=1, recurrent=rec) if r["detach_recurrent"] or not rec]
+        runs = [
+            r
+            for r in dblock_runs(recs, layers=1, recurrent=rec)
+            if r["detach_recurrent"] or not rec
+        ]
         ours = aggregate(runs, lambda r: r["d"], pct)
         ref = paper.by_d(paper.FIG4A.get(ref_ds, {}).get(rec))
         color = f"C{i}"
         if ours:
             ds_ = list(ours)
-            ax.errorbar(ds_, [ours[d][0] for d in ds_], [ours[d][1] for d in ds_], color=color,
-                        marker="o", capsize=3, label=f"{names[rec]} (ours)")
+            ax.errorbar(
+                ds_,
+                [ours[d][0] for d in ds_],
+                [ours[d][1] for d in ds_],
+                color=color,
+                marker="o",
+                capsize=3,
+                label=f"{names[rec]} (ours)",
+            )
         if ref:
-            ax.plot(list(ref), list(ref.values()), "--", color=color, marker="x", alpha=0.7,
-                    label=f"{names[rec]} (paper)")
+            ax.plot(
+                list(ref),
+                list(ref.values()),
+                "--",
+                color=color,
+                marker="x",
+                alpha=0.7,
+                label=f"{names[rec]} (paper)",
+            )
         for d in sorted(set(ours) | set(ref)):
             rows.append([names[rec], d, fmt(*ours[d]) if d in ours else "—", paper_fmt(ref.get(d))])
     ax.set(xlabel="d", ylabel="test accuracy (%)", title=f"Fig. 4a, {ds}")
@@ -63,10 +81,23 @@ def panel_a(recs, ds, ref_ds):
 def bars(ax, labels, ours, ref, ylabel):
     """Grouped bars: ours (with s.d.) and the paper's value beside it (hatched)."""
     xs = range(len(labels))
-    ax.bar([x - 0.2 for x in xs], [ours[k][0] if k in ours else 0 for k in labels], 0.4,
-           yerr=[ours[k][1] if k in ours else 0 for k in labels], capsize=3, label="ours")
-    ax.bar([x + 0.2 for x in xs], [ref.get(k) or 0 for k in labels], 0.4, hatch="//",
-           fill=False, edgecolor="gray", label="paper")
+    ax.bar(
+        [x - 0.2 for x in xs],
+        [ours[k][0] if k in ours else 0 for k in labels],
+        0.4,
+        yerr=[ours[k][1] if k in ours else 0 for k in labels],
+        capsize=3,
+        label="ours",
+    )
+    ax.bar(
+        [x + 0.2 for x in xs],
+        [ref.get(k) or 0 for k in labels],
+        0.4,
+        hatch="//",
+        fill=False,
+        edgecolor="gray",
+        label="paper",
+    )
     ax.set_xticks(list(xs), [str(k) for k in labels])
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=7)
@@ -80,8 +111,10 @@ def panel_b(recs, ds, ref_ds, d=40):
     bars(ax, [True, False], ours, ref, "test accuracy (%)")
     ax.set_xticks([0, 1], ["detached", "attached"])
     ax.set_title(f"Fig. 4b, {ds}, d={d}")
-    rows = [[name, fmt(*ours[k]) if k in ours else "—", paper_fmt(ref.get(k))]
-            for k, name in ((True, "detached"), (False, "attached"))]
+    rows = [
+        [name, fmt(*ours[k]) if k in ours else "—", paper_fmt(ref.get(k))]
+        for k, name in ((True, "detached"), (False, "attached"))
+    ]
     return fig, markdown_table(["recurrent spikes", "ours acc (%)", "paper acc (%)"], rows)
 
 
@@ -99,37 +132,57 @@ def panel_c(recs, ds, ref_ds, d=40):
 
 def paired(recs):
     """(d-block run, standard run) pairs: recurrent, 1 layer, same dataset, n_hidden and seed."""
-    std = {(r["n_hidden"], r["seed"]): r for r in recs
-           if r["model"] == "standard" and r["recurrent"] and r["layers"] == 1}
-    pairs = [(r, std[(r["n_hidden"], r["seed"])])
-             for r in dblock_runs(recs, layers=1, recurrent=True, detach_recurrent=True)
-             if (r["n_hidden"], r["seed"]) in std]
+    std = {
+        (r["n_hidden"], r["seed"]): r
+        for r in recs
+        if r["model"] == "standard" and r["recurrent"] and r["layers"] == 1
+    }
+    pairs = [
+        (r, std[(r["n_hidden"], r["seed"])])
+        for r in dblock_runs(recs, layers=1, recurrent=True, detach_recurrent=True)
+        if (r["n_hidden"], r["seed"]) in std
+    ]
     if not pairs:
-        raise ValueError("no d-block run has a standard run of the same seed to pair with: run "
-                         "the fig4d (or fig4e) sweep into the same folder as fig4a's")
+        raise ValueError(
+            "no d-block run has a standard run of the same seed to pair with: run "
+            "the fig4d (or fig4e) sweep into the same folder as fig4a's"
+        )
     return pairs
+
+
+def speedup(pair: tuple[dict, dict]) -> float:
+    """Standard epoch time / d-block epoch time (first epochs excluded by run.py)."""
+    return pair[1]["train/epoch_time_s"] / pair[0]["train/epoch_time_s"]
+
+
+def spike_reduction(pair: tuple[dict, dict]) -> float:
+    """1 - spikes(d-block) / spikes(standard), in %."""
+    return 100 * (1 - pair[0]["test/spikes_per_sample"] / pair[1]["test/spikes_per_sample"])
 
 
 def panel_line(recs, ds, ref_ds, which):
     if which == "d":
-        value = lambda p: p[1]["train/epoch_time_s"] / p[0]["train/epoch_time_s"]  # noqa: E731
+        value = speedup
         ref, label, digits = paper.by_d(paper.FIG4D.get(ref_ds)), "epoch-time speedup (x)", 2
     else:
-        value = lambda p: 100 * (1 - p[0]["test/spikes_per_sample"] / p[1]["test/spikes_per_sample"])  # noqa: E731
+        value = spike_reduction
         ref, label, digits = paper.by_d(paper.FIG4E.get(ref_ds)), "spike reduction (%)", 1
     ours = aggregate(paired(recs), lambda p: p[0]["d"], value)
     fig, ax = plt.subplots(figsize=(5, 3.6))
     xs = list(ours)
-    ax.errorbar(xs, [ours[d][0] for d in xs], [ours[d][1] for d in xs], marker="o", capsize=3,
-                label="ours")
+    ax.errorbar(
+        xs, [ours[d][0] for d in xs], [ours[d][1] for d in xs], marker="o", capsize=3, label="ours"
+    )
     known = {d: v for d, v in ref.items() if v is not None}
     if known:
         ax.plot(list(known), list(known.values()), "--", marker="x", color="gray", label="paper")
     ax.axhline(1.0 if which == "d" else 0.0, color="k", lw=0.5)
     ax.set(xlabel="d", ylabel=label, title=f"Fig. 4{which}, {ds}, vs standard recurrent SNN")
     ax.legend(fontsize=7)
-    rows = [[d, fmt(*ours[d], digits) if d in ours else "—", paper_fmt(ref.get(d), digits)]
-            for d in sorted(set(ours) | set(ref))]
+    rows = [
+        [d, fmt(*ours[d], digits) if d in ours else "—", paper_fmt(ref.get(d), digits)]
+        for d in sorted(set(ours) | set(ref))
+    ]
     return fig, markdown_table(["d", f"ours {label}", f"paper {label}"], rows)
 
 
@@ -150,8 +203,11 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("runs", nargs="+", help="sweep folder(s) holding results.json files")
     parser.add_argument("--out", default="outputs/figures", help="folder for the PNGs and tables")
     parser.add_argument("--d", type=int, default=40, help="d of panels b and c (paper: 40)")
-    parser.add_argument("--paper", default=None,
-                        help="compare with this dataset's paper values (default: the runs' own)")
+    parser.add_argument(
+        "--paper",
+        default=None,
+        help="compare with this dataset's paper values (default: the runs' own)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     recs = load_results(args.runs)

@@ -50,8 +50,13 @@ def loader():
 
 def trainer(tmp_path, epochs, recipe):
     return pl.Trainer(
-        max_epochs=epochs, callbacks=[recipe], logger=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu",
+        max_epochs=epochs,
+        callbacks=[recipe],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
     )
 
 
@@ -64,16 +69,16 @@ def test_reloads_best_weights_and_restarts_adam_at_milestone(tmp_path):
     recipe = PaperRecipe(milestones=[3], dirpath=tmp_path / "ckpt")
     trainer(tmp_path, 5, recipe).fit(module, loader())
     start = module.at_start[3]
-    assert module.at_start[2]["adam_state"] > 0          # Adam had state before the milestone
-    assert start["adam_state"] == 0                      # ... and none right after it
-    assert same(start["weights"], module.snapshots[1])   # lowest-loss epoch (1), not the last (2)
+    assert module.at_start[2]["adam_state"] > 0  # Adam had state before the milestone
+    assert start["adam_state"] == 0  # ... and none right after it
+    assert same(start["weights"], module.snapshots[1])  # lowest-loss epoch (1), not the last (2)
     assert not same(start["weights"], module.snapshots[2])
-    assert abs(start["lr"] - 0.01) < 1e-12               # the scheduled lr cut is kept
+    assert abs(start["lr"] - 0.01) < 1e-12  # the scheduled lr cut is kept
     assert recipe.applied == [3]
     assert float(recipe.best_model_score) == 1.0
     assert recipe.best_model_path.endswith("best-train-loss.ckpt")
     final = {k: v for k, v in module.state_dict().items()}
-    assert same(final, module.snapshots[1])              # the reported model is the best checkpoint
+    assert same(final, module.snapshots[1])  # the reported model is the best checkpoint
 
 
 def test_recipe_state_resumes(tmp_path):
@@ -85,7 +90,7 @@ def test_recipe_state_resumes(tmp_path):
     last = str(tmp_path / "ckpt" / "last.ckpt")
     trainer(tmp_path, 5, recipe).fit(resumed, loader(), ckpt_path=last)
     assert recipe.applied == [3] and float(recipe.best_model_score) == 1.0
-    assert resumed.at_start[4]["adam_state"] > 0         # not restarted again after resuming
+    assert resumed.at_start[4]["adam_state"] > 0  # not restarted again after resuming
 
 
 def test_recipe_on_snn_task(tmp_path):
