@@ -1,7 +1,7 @@
 """Fig. 3 heatmaps (training speedup of a d-block layer over the standard layer) from the speed
 benchmark's CSV, beside the paper's values (SPEC §7).
 
-    python experiments/plot_fig3.py outputs/bench/speed.csv --out outputs/figures
+    python experiments/plot_fig3.py outputs/bench_speed.csv --out outputs/figures
 
 For every panel (a-d) and device in the CSV: speedup = standard time / d-block time at the same
 panel, mode, scope, t_len, n_hidden and device (the median over repeated rows), as a d x t
