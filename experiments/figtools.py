@@ -75,7 +75,8 @@ def aggregate(records: list[dict], key: Callable[[dict], object], value: Callabl
     groups: dict[object, list[float]] = defaultdict(list)
     for rec in records:
         groups[key(rec)].append(value(rec))
-    return {k: mean_sd(v) for k, v in sorted(groups.items(), key=lambda kv: str(kv[0]))}
+    order = sorted(groups, key=lambda k: (type(k).__name__, k))  # numeric order of d, layers
+    return {k: mean_sd(groups[k]) for k in order}
 
 
 def fmt(mean: float, sd: float, n: int, digits: int = 1) -> str:

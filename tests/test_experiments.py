@@ -20,14 +20,26 @@ import run  # noqa: F401  (registers the dblock.* resolvers)
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
 FIG4 = [e for e in EXPERIMENTS if e.startswith("fig4")]
-TINY = ["dataset.n_train=256", "dataset.n_test=128", "dataset.batch_size=64", "n_hidden=16",
-        "trainer.max_epochs=1"]
+TINY = [
+    "dataset.n_train=256",
+    "dataset.n_test=128",
+    "dataset.batch_size=64",
+    "n_hidden=16",
+    "trainer.max_epochs=1",
+]
 
 
 def composed(tmp_path, overrides):
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", return_hydra_config=True, overrides=[
-            f"paths.data_dir={tmp_path}", f"hydra.runtime.output_dir={tmp_path / 'out'}", *overrides])
+        cfg = compose(
+            "config",
+            return_hydra_config=True,
+            overrides=[
+                f"paths.data_dir={tmp_path}",
+                f"hydra.runtime.output_dir={tmp_path / 'out'}",
+                *overrides,
+            ],
+        )
     HydraConfig.instance().set_config(cfg)
     return cfg
 
@@ -114,9 +126,16 @@ def test_fig3_grids(tmp_path, name):
         assert list(bench.t_len) == [512] and list(bench.n_hidden) == list(range(100, 1001, 100))
     from dblock.models import SNNClassifier
 
-    net = SNNClassifier(n_in=bench.n_in, n_hidden=max(bench.n_hidden), n_layers=1, n_classes=2,
-                        model="dblock", d=max(bench.d), t_len=min(bench.t_len),
-                        recurrent=bench.mode == "recurrent")
+    net = SNNClassifier(
+        n_in=bench.n_in,
+        n_hidden=max(bench.n_hidden),
+        n_layers=1,
+        n_classes=2,
+        model="dblock",
+        d=max(bench.d),
+        t_len=min(bench.t_len),
+        recurrent=bench.mode == "recurrent",
+    )
     assert net.readout.d == 30
 
 
@@ -134,11 +153,11 @@ def test_wandb_offline_unless_logged_in(monkeypatch, tmp_path):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
-    assert run.wandb_offline()                                   # no key anywhere: offline
+    assert run.wandb_offline()  # no key anywhere: offline
     (tmp_path / "netrc").write_text("machine api.wandb.ai login user password k3y\n")
-    assert not run.wandb_offline()                               # logged in: online
+    assert not run.wandb_offline()  # logged in: online
     monkeypatch.setenv("WANDB_MODE", "offline")
-    assert run.wandb_offline()                                   # forced offline
+    assert run.wandb_offline()  # forced offline
     cfg = composed(tmp_path, ["logger=wandb", "experiment=fig4a_shd", "dataset=bursts", "seed=2"])
     logger = OmegaConf.to_container(cfg.logger.wandb, resolve=True)
     assert logger["offline"] is True and logger["group"] == "fig4a_shd"
@@ -147,38 +166,79 @@ def test_wandb_offline_unless_logged_in(monkeypatch, tmp_path):
 
 def run_cli(args, tmp_path):
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env = dict(os.environ, DBLOCK_DATA=str(tmp_path / "data"), WANDB_MODE="offline",
-               WANDB_SILENT="true", PYTHONPATH=path)  # submitit's workers import the project
-    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=900)
+    env = dict(
+        os.environ,
+        DBLOCK_DATA=str(tmp_path / "data"),
+        WANDB_MODE="offline",
+        WANDB_SILENT="true",
+        PYTHONPATH=path,
+    )  # submitit's workers import the project
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
 
 def test_two_job_sweep_one_wandb_run_per_job_and_plot(tmp_path):
     sweep = tmp_path / "sweep"
-    run_cli(["-m", "experiment=fig4b_shd", "dataset=bursts", "seed=0", "logger=wandb",
-             "trainer.max_epochs=2", "task.milestones=[1]", f"hydra.sweep.dir={sweep}", *TINY[:-1]],
-            tmp_path)
+    run_cli(
+        [
+            "-m",
+            "experiment=fig4b_shd",
+            "dataset=bursts",
+            "seed=0",
+            "logger=wandb",
+            "trainer.max_epochs=2",
+            "task.milestones=[1]",
+            f"hydra.sweep.dir={sweep}",
+            *TINY[:-1],
+        ],
+        tmp_path,
+    )
     jobs = sorted(p.parent for p in sweep.glob("*/results.json"))
-    assert [j.name for j in jobs] == ["dblock-d40-layers1-recTrue-detFalse-seed0",
-                                      "dblock-d40-layers1-recTrue-detTrue-seed0"]
+    assert [j.name for j in jobs] == [
+        "dblock-d40-layers1-recTrue-detFalse-seed0",
+        "dblock-d40-layers1-recTrue-detTrue-seed0",
+    ]
     ids = set()
     for job in jobs:
         res = json.loads((job / "results.json").read_text())
         assert res["epoch"] == 2 and res["d"] == 40 and res["dataset"] == "bursts"
-        assert (job / "checkpoints" / "best-train-loss.ckpt").is_file()   # the recipe's checkpoint
+        assert (job / "checkpoints" / "best-train-loss.ckpt").is_file()  # the recipe's checkpoint
         runs = list((job / "wandb").glob("offline-run-*"))
-        assert len(runs) == 1                                   # one wandb run per job
+        assert len(runs) == 1  # one wandb run per job
         ids.add(runs[0].name)
         data = next(runs[0].glob("*.wandb")).read_bytes()
-        for text in (b"fig4b_shd", b"model=dblock", b"d=40", b"seed=0", b"spikes_per_sample",
-                     b"epoch_time_s", f"detach_recurrent={res['detach_recurrent']}".encode()[:16]):
+        for text in (
+            b"fig4b_shd",
+            b"model=dblock",
+            b"d=40",
+            b"seed=0",
+            b"spikes_per_sample",
+            b"epoch_time_s",
+            f"detach_recurrent={res['detach_recurrent']}".encode()[:16],
+        ):
             assert text in data, text
     assert len(ids) == 2
     out = tmp_path / "figs"
-    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "plot_fig4.py"), "b",
-                           str(sweep), "--out", str(out)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "experiments" / "plot_fig4.py"),
+            "b",
+            str(sweep),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     assert (out / "fig4b_bursts.png").stat().st_size > 1000
     assert "(n=1)" in (out / "fig4b_bursts.md").read_text()
@@ -189,8 +249,10 @@ def test_two_job_sweep_one_wandb_run_per_job_and_plot(tmp_path):
 def test_parallel_launchers_run_two_jobs(tmp_path, launcher):
     sweep = tmp_path / "sweep"
     extra = ["hydra.launcher.n_jobs=2"] if launcher == "joblib" else []
-    run_cli(["-m", f"hydra/launcher={launcher}", "d=1,5", f"hydra.sweep.dir={sweep}", *extra, *TINY],
-            tmp_path)
+    run_cli(
+        ["-m", f"hydra/launcher={launcher}", "d=1,5", f"hydra.sweep.dir={sweep}", *extra, *TINY],
+        tmp_path,
+    )
     got = sorted(json.loads(p.read_text())["d"] for p in sweep.glob("*/results.json"))
     assert got == [1, 5]
 
@@ -198,8 +260,17 @@ def test_parallel_launchers_run_two_jobs(tmp_path, launcher):
 @pytest.mark.slow
 def test_optuna_search_runs(tmp_path):
     sweep = tmp_path / "sweep"
-    run_cli(["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={sweep}",
-             "hydra.sweeper.params.n_hidden='choice(8,16)'", *TINY[:-2], "trainer.max_epochs=1"],
-            tmp_path)
+    run_cli(
+        [
+            "-m",
+            "hparams_search=optuna",
+            "hydra.sweeper.n_trials=2",
+            f"hydra.sweep.dir={sweep}",
+            "hydra.sweeper.params.n_hidden='choice(8,16)'",
+            *TINY[:-2],
+            "trainer.max_epochs=1",
+        ],
+        tmp_path,
+    )
     assert len(list(sweep.glob("*/results.json"))) == 2
     assert (sweep / "optimization_results.yaml").is_file()

@@ -177,3 +177,14 @@ def test_fig3_bad_csv_is_a_clear_error(tmp_path):
     )
     assert proc.returncode != 0 and "lacks the columns" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_aggregate_mean_sd_in_numeric_order():
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from figtools import aggregate
+
+    recs = [{"d": d, "v": v} for d, v in ((40, 1.0), (5, 2.0), (5, 4.0), (10, 3.0))]
+    out = aggregate(recs, lambda r: r["d"], lambda r: r["v"])
+    assert list(out) == [5, 10, 40]
+    assert out[5][0] == 3.0 and abs(out[5][1] - 2**0.5) < 1e-12 and out[5][2] == 2
+    assert out[40] == (1.0, 0.0, 1)
