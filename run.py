@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import netrc
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,6 +25,22 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger("dblock")
 
 
+def wandb_offline() -> bool:
+    """wandb runs offline unless the user is logged in (API key in the environment or netrc)."""
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun", "disabled"):
+        return True
+    if os.environ.get("WANDB_API_KEY"):
+        return False
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is None
+    except (OSError, netrc.NetrcParseError):
+        return True
+
+
+OmegaConf.register_new_resolver("dblock.wandb_offline", wandb_offline, replace=True)
+
+
 def build(cfg: DictConfig):
     """Instantiate the datamodule, network, task, loggers, callbacks and trainer from ``cfg``."""
     import pytorch_lightning as pl
@@ -31,6 +49,8 @@ def build(cfg: DictConfig):
     datamodule = instantiate(cfg.dataset, _convert_="all")
     task = instantiate(cfg.task, model=instantiate(cfg.model), _convert_="all")
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    for logger in loggers:  # the resolved config, e.g. as the wandb run's config
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     return datamodule, task, trainer

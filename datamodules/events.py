@@ -8,6 +8,7 @@ device the store lives on, by one scatter-add per batch.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -289,7 +290,7 @@ def write_h5(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # one per process: parallel jobs
     with h5py.File(tmp, "w") as f:
         spikes = f.create_group("spikes")
         t_ds = spikes.create_dataset("times", (len(times),), dtype=h5py.vlen_dtype(np.float16))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 
@@ -12,6 +13,7 @@ from torch.nn import functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 STAGES = ("train", "val", "test")
+log = logging.getLogger(__name__)
 
 
 class SNNTask(pl.LightningModule):
@@ -89,3 +91,68 @@ class SNNTask(pl.LightningModule):
             optimizer, milestones=list(self.hparams.milestones), gamma=self.hparams.gamma
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+
+class PaperRecipe(pl.callbacks.ModelCheckpoint):
+    """The paper's training recipe (SPEC §5) on top of Lightning's checkpointing.
+
+    Keeps the checkpoint with the lowest ``monitor`` (training loss by default) as
+    ``<dirpath>/best-train-loss.ckpt``. At the start of every milestone epoch (the epochs where
+    the task's ``MultiStepLR`` has just cut the learning rate) it reloads those weights and
+    restarts Adam (its moment estimates and step counts are cleared; the scheduled lr stays).
+    When training ends the best weights are loaded back, so the test reports that checkpoint.
+    Milestones already applied are part of the callback's checkpoint state (resumable).
+    """
+
+    def __init__(
+        self,
+        milestones: Sequence[int] = (30, 60, 90),
+        monitor: str = "train/loss",
+        mode: str = "min",
+        filename: str = "best-train-loss",
+        **kwargs,
+    ) -> None:
+        kwargs.setdefault("save_on_train_epoch_end", True)
+        super().__init__(
+            monitor=monitor,
+            mode=mode,
+            filename=filename,
+            save_top_k=1,
+            auto_insert_metric_name=False,
+            **kwargs,
+        )
+        self.milestones = sorted(int(m) for m in milestones)
+        self.applied: list[int] = []
+
+    def _reload_best(self, trainer: pl.Trainer) -> bool:
+        if not self.best_model_path:
+            epoch = trainer.current_epoch
+            log.warning("recipe: no %s checkpoint (epoch %d); weights kept", self.monitor, epoch)
+            return False
+        checkpoint = trainer.strategy.load_checkpoint(self.best_model_path)
+        trainer.strategy.load_model_state_dict(checkpoint)
+        return True
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        if epoch not in self.milestones or epoch in self.applied:
+            return
+        if self._reload_best(trainer):
+            log.info("recipe: epoch %d, reloaded %s (%s=%.4g), Adam restarted", epoch,
+                     self.best_model_path, self.monitor, float(self.best_model_score))
+        for optimizer in trainer.optimizers:
+            optimizer.state.clear()  # a fresh Adam: no moments, step counts from zero
+        self.applied.append(epoch)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        if self._reload_best(trainer):
+            log.info("recipe: reporting %s (%s=%.4g)", self.best_model_path, self.monitor,
+                     float(self.best_model_score))
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "milestones_applied": list(self.applied)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self.applied = list(state_dict.get("milestones_applied", []))

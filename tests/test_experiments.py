@@ -1,0 +1,276 @@
+"""Experiment files, the paper recipe group, launchers, the Optuna search and the wandb logger."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import MissingConfigException
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+import run  # noqa: F401  (registers the dblock.* resolvers)
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+FIG4 = [e for e in EXPERIMENTS if e.startswith("fig4")]
+TINY = [
+    "dataset.n_train=256",
+    "dataset.n_test=128",
+    "dataset.batch_size=64",
+    "n_hidden=16",
+    "trainer.max_epochs=1",
+]
+
+
+def composed(tmp_path, overrides):
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(
+            "config",
+            return_hydra_config=True,
+            overrides=[
+                f"paths.data_dir={tmp_path}",
+                f"hydra.runtime.output_dir={tmp_path / 'out'}",
+                *overrides,
+            ],
+        )
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def instantiate_all(cfg):
+    """Model, task, callbacks and loggers built; the datamodule only constructed (no data read)."""
+    model = instantiate(cfg.model)
+    task = instantiate(cfg.task, model=model, _convert_="all")
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+    datamodule = instantiate(cfg.dataset, _convert_="all")
+    return model, task, callbacks, datamodule
+
+
+def test_every_panel_has_an_experiment():
+    for panel in "abcde":
+        for ds in ("nmnist", "shd", "ssc"):
+            assert f"fig4{panel}_{ds}" in EXPERIMENTS
+    for panel in "abcd":
+        assert f"fig3{panel}" in EXPERIMENTS
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_composes_and_instantiates_on_bursts(tmp_path, name):
+    cfg = composed(tmp_path, [f"experiment={name}", "dataset=bursts"])
+    model, task, callbacks, datamodule = instantiate_all(cfg)
+    assert model.readout.d == (cfg.d if cfg.model.model == "dblock" else None)
+    assert task.hparams.n_classes == 10
+    if name.startswith("fig4"):
+        assert cfg.hydra.sweep.dir == "outputs/fig4/bursts"
+        recipe = [c for c in callbacks if type(c).__name__ == "PaperRecipe"]
+        assert len(recipe) == 1 and recipe[0].monitor == "train/loss" and recipe[0].mode == "min"
+        assert recipe[0].milestones == list(cfg.task.milestones)
+        assert cfg.trainer.max_epochs == 100 and cfg.task.lr == 1e-3
+        assert cfg.hydra.sweeper.params.seed == "0,1,2"
+        assert cfg.task.milestones == ([30, 60] if name.endswith("ssc") else [30, 60, 90])
+
+
+def dataset_of(name: str) -> str | None:
+    return name.rsplit("_", 1)[1] if name.startswith("fig4") else None
+
+
+@pytest.mark.parametrize("name", [e for e in FIG4])
+def test_experiment_composes_with_its_real_dataset(tmp_path, name):
+    ds = dataset_of(name)
+    if not (ROOT / "conf" / "dataset" / f"{ds}.yaml").is_file():
+        # conf/dataset/{shd,ssc,nmnist}.yaml come with the real-dataset datamodules
+        with pytest.raises(MissingConfigException, match=ds):
+            composed(tmp_path, [f"experiment={name}"])
+        return
+    cfg = composed(tmp_path, [f"experiment={name}"])
+    assert cfg.hydra.runtime.choices.dataset == ds
+    model, task, _, datamodule = instantiate_all(cfg)
+    assert model.readout.d == (cfg.d if cfg.model.model == "dblock" else None)
+    assert cfg.model.n_in == cfg.dataset.n_in
+
+
+SWEEPS = {  # panel -> the grid its sweep must cover (SPEC §7)
+    "fig4a": {"d": "1,10,20,30,40", "recurrent": "false,true", "seed": "0,1,2"},
+    "fig4b": {"detach_recurrent": "true,false", "seed": "0,1,2"},
+    "fig4c": {"layers": "1,2,3", "seed": "0,1,2"},
+    "fig4d": {"seed": "0,1,2"},
+    "fig4e": {"seed": "0,1,2"},
+}
+
+
+@pytest.mark.parametrize("name", FIG4)
+def test_fig4_sweep_grids(tmp_path, name):
+    cfg = composed(tmp_path, [f"experiment={name}", "dataset=bursts"])
+    assert dict(cfg.hydra.sweeper.params) == SWEEPS[name.split("_")[0]]
+    panel = name[4]
+    assert cfg.model.model == ("standard" if panel in "de" else "dblock")
+    if panel in "bc":
+        assert cfg.d == 40 and cfg.recurrent
+
+
+@pytest.mark.parametrize("name", ["fig3a", "fig3b", "fig3c", "fig3d"])
+def test_fig3_grids(tmp_path, name):
+    bench = composed(tmp_path, [f"experiment={name}"]).bench
+    assert bench.panel == name[-1] and list(bench.d) == [5, 10, 15, 20, 25, 30]
+    assert bench.mode == ("feedforward" if name[-1] in "ab" else "recurrent")
+    if name[-1] in "ac":
+        assert list(bench.t_len) == [32 * 2**i for i in range(7)] and list(bench.n_hidden) == [100]
+    else:
+        assert list(bench.t_len) == [512] and list(bench.n_hidden) == list(range(100, 1001, 100))
+    from dblock.models import SNNClassifier
+
+    net = SNNClassifier(
+        n_in=bench.n_in,
+        n_hidden=max(bench.n_hidden),
+        n_layers=1,
+        n_classes=2,
+        model="dblock",
+        d=max(bench.d),
+        t_len=min(bench.t_len),
+        recurrent=bench.mode == "recurrent",
+    )
+    assert net.readout.d == 30
+
+
+def test_launcher_and_search_configs(tmp_path):
+    cfg = composed(tmp_path, ["hydra/launcher=slurm"])
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+    assert cfg.hydra.launcher.submitit_folder == f"{cfg.hydra.sweep.dir}/.submitit/%j"
+    instantiate(cfg.hydra.launcher)
+    cfg = composed(tmp_path, ["hparams_search=optuna"])
+    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
+    assert set(cfg.hydra.sweeper.params) == {"task.lr", "d", "n_hidden"}
+
+
+def test_wandb_offline_unless_logged_in(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    assert run.wandb_offline()  # no key anywhere: offline
+    (tmp_path / "netrc").write_text("machine api.wandb.ai login user password k3y\n")
+    assert not run.wandb_offline()  # logged in: online
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert run.wandb_offline()  # forced offline
+    cfg = composed(tmp_path, ["logger=wandb", "experiment=fig4a_shd", "dataset=bursts", "seed=2"])
+    logger = OmegaConf.to_container(cfg.logger.wandb, resolve=True)
+    assert logger["offline"] is True and logger["group"] == "fig4a_shd"
+    assert {"model=dblock", "d=10", "layers=1", "dataset=bursts", "seed=2"} <= set(logger["tags"])
+
+
+def run_cli(args, tmp_path):
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = dict(
+        os.environ,
+        DBLOCK_DATA=str(tmp_path / "data"),
+        WANDB_MODE="offline",
+        WANDB_SILENT="true",
+        PYTHONPATH=path,
+    )  # submitit's workers import the project
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_two_job_sweep_one_wandb_run_per_job_and_plot(tmp_path):
+    sweep = tmp_path / "sweep"
+    run_cli(
+        [
+            "-m",
+            "experiment=fig4b_shd",
+            "dataset=bursts",
+            "seed=0",
+            "logger=wandb",
+            "trainer.max_epochs=2",
+            "task.milestones=[1]",
+            f"hydra.sweep.dir={sweep}",
+            *TINY[:-1],
+        ],
+        tmp_path,
+    )
+    jobs = sorted(p.parent for p in sweep.glob("*/results.json"))
+    assert [j.name for j in jobs] == [
+        "dblock-d40-layers1-recTrue-detFalse-seed0",
+        "dblock-d40-layers1-recTrue-detTrue-seed0",
+    ]
+    ids = set()
+    for job in jobs:
+        res = json.loads((job / "results.json").read_text())
+        assert res["epoch"] == 2 and res["d"] == 40 and res["dataset"] == "bursts"
+        assert (job / "checkpoints" / "best-train-loss.ckpt").is_file()  # the recipe's checkpoint
+        runs = list((job / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1  # one wandb run per job
+        ids.add(runs[0].name)
+        data = next(runs[0].glob("*.wandb")).read_bytes()
+        for text in (
+            b"fig4b_shd",
+            b"model=dblock",
+            b"d=40",
+            b"seed=0",
+            b"spikes_per_sample",
+            b"epoch_time_s",
+            f"detach_recurrent={res['detach_recurrent']}".encode()[:16],
+        ):
+            assert text in data, text
+    assert len(ids) == 2
+    out = tmp_path / "figs"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "experiments" / "plot_fig4.py"),
+            "b",
+            str(sweep),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "fig4b_bursts.png").stat().st_size > 1000
+    assert "(n=1)" in (out / "fig4b_bursts.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["joblib", "local"])
+def test_parallel_launchers_run_two_jobs(tmp_path, launcher):
+    sweep = tmp_path / "sweep"
+    extra = ["hydra.launcher.n_jobs=2"] if launcher == "joblib" else []
+    run_cli(
+        ["-m", f"hydra/launcher={launcher}", "d=1,5", f"hydra.sweep.dir={sweep}", *extra, *TINY],
+        tmp_path,
+    )
+    got = sorted(json.loads(p.read_text())["d"] for p in sweep.glob("*/results.json"))
+    assert got == [1, 5]
+
+
+@pytest.mark.slow
+def test_optuna_search_runs(tmp_path):
+    sweep = tmp_path / "sweep"
+    run_cli(
+        [
+            "-m",
+            "hparams_search=optuna",
+            "hydra.sweeper.n_trials=2",
+            f"hydra.sweep.dir={sweep}",
+            "hydra.sweeper.params.n_hidden='choice(8,16)'",
+            *TINY[:-2],
+            "trainer.max_epochs=1",
+        ],
+        tmp_path,
+    )
+    assert len(list(sweep.glob("*/results.json"))) == 2
+    assert (sweep / "optimization_results.yaml").is_file()

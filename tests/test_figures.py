@@ -1,0 +1,190 @@
+"""Figure scripts on fixture folders: results.json files (Fig. 4) and a benchmark CSV (Fig. 3)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SEEDS = (0, 1, 2)
+ACC = {0: 0.70, 1: 0.72, 2: 0.74}  # per seed: mean 72.0, s.d. 2.0
+
+
+def result(path: Path, **cfg) -> None:
+    rec = {
+        "test/acc": ACC[cfg["seed"]] - (0.1 if cfg.get("model") == "standard" else 0.0),
+        "test/loss": 1.0,
+        "test/spikes_per_sample": 30.0,
+        "train/epoch_time_s": 2.0,
+        "epoch": 3,
+        "n_classes": 20,
+        "model": "dblock",
+        "d": 10,
+        "layers": 1,
+        "n_hidden": 128,
+        "recurrent": True,
+        "detach_recurrent": True,
+        "dataset": "shd",
+        "seed": 0,
+        "wall_time_s": 9.0,
+    }
+    rec.update(cfg)
+    path.mkdir(parents=True)
+    (path / "results.json").write_text(json.dumps(rec))
+
+
+@pytest.fixture
+def sweep(tmp_path) -> Path:
+    root = tmp_path / "fig4" / "shd"
+    for s in SEEDS:
+        for d in (1, 10, 40):
+            for rec in (False, True):
+                result(root / f"a-d{d}-{rec}-{s}", d=d, recurrent=rec, seed=s)
+        result(root / f"b-{s}", d=40, detach_recurrent=False, seed=s)
+        for n in (2, 3):
+            result(root / f"c-{n}-{s}", d=40, layers=n, seed=s)
+        result(
+            root / f"std-{s}",
+            model="standard",
+            d=None,
+            seed=s,
+            **{"train/epoch_time_s": 10.0, "test/spikes_per_sample": 100.0},
+        )
+    return root
+
+
+def plot(script: str, *args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_fig4_all_panels(sweep, tmp_path):
+    out = tmp_path / "figs"
+    plot("plot_fig4.py", "all", str(sweep), "--out", str(out))
+    for panel in "abcde":
+        png = out / f"fig4{panel}_shd.png"
+        assert png.is_file() and png.stat().st_size > 1000, panel
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    a = (out / "fig4a_shd.md").read_text()
+    assert "| recurrent | 10 | 72.0 ± 2.0 (n=3) | 73.5 |" in a  # mean ± s.d. vs the paper
+    assert "| feedforward | 40 | 72.0 ± 2.0 (n=3) | 69.4 |" in a
+    assert "| recurrent | 20 | — | 74.8 |" in a  # the paper's point we lack
+    b = (out / "fig4b_shd.md").read_text()
+    assert "| attached | 72.0 ± 2.0 (n=3) | 73.4 |" in b
+    c = (out / "fig4c_shd.md").read_text()
+    assert "| 3 | 72.0 ± 2.0 (n=3) | 82.9 |" in c
+    d = (out / "fig4d_shd.md").read_text()
+    assert "| 10 | 5.00 ± 0.00 (n=3) | 7.00 |" in d  # 10 s / 2 s, paired by seed
+    e = (out / "fig4e_shd.md").read_text()
+    assert "| 40 | 70.0 ± 0.0 (n=3) | 59.0 |" in e  # 1 - 30/100
+
+
+def test_fig4_pairs_by_seed(sweep, tmp_path):
+    std = json.loads((sweep / "std-1" / "results.json").read_text())
+    std["train/epoch_time_s"] = 4.0  # seed 1: speedup 2 instead of 5
+    (sweep / "std-1" / "results.json").write_text(json.dumps(std))
+    plot("plot_fig4.py", "d", str(sweep), "--out", str(tmp_path))
+    assert "| 1 | 4.00 ± 1.73 (n=3) | 5.00 |" in (tmp_path / "fig4d_shd.md").read_text()
+
+
+def test_fig4_without_standard_runs_is_a_clear_error(sweep, tmp_path):
+    for s in SEEDS:
+        (sweep / f"std-{s}" / "results.json").unlink()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "experiments" / "plot_fig4.py"),
+            "e",
+            str(sweep),
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode != 0 and "fig4d" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_fig3_heatmaps(tmp_path):
+    path = tmp_path / "speed.csv"
+    cols = [
+        "panel",
+        "mode",
+        "impl",
+        "scope",
+        "d",
+        "t_len",
+        "n_hidden",
+        "n_in",
+        "batch",
+        "device",
+        "time_ms",
+        "peak_mem_mb",
+    ]
+    rows = []
+    for panel, mode, xs in (("a", "feedforward", (32, 2048)), ("d", "recurrent", (100, 200))):
+        for x in xs:
+            t, n = (x, 100) if panel == "a" else (512, x)
+            base = dict(
+                panel=panel,
+                mode=mode,
+                scope="layer",
+                t_len=t,
+                n_hidden=n,
+                n_in=1000,
+                batch=128,
+                device="cpu",
+                peak_mem_mb=1.0,
+            )
+            rows.append({**base, "impl": "standard", "d": "", "time_ms": 100.0})
+            rows.append({**base, "impl": "snntorch", "d": "", "time_ms": 300.0})
+            rows.append({**base, "impl": "floor", "d": "", "time_ms": 1.0})
+            for d in (5, 10, 30):
+                rows.append({**base, "impl": "dblock", "d": d, "time_ms": 10.0 * d})
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, cols)
+        writer.writeheader()
+        writer.writerows(rows)
+    out = tmp_path / "figs"
+    plot("plot_fig3.py", str(path), "--out", str(out))
+    for name in ("fig3a_cpu", "fig3d_cpu"):
+        assert (out / f"{name}.png").stat().st_size > 1000
+    a = (out / "fig3a_cpu.md").read_text()
+    assert "| 5 | 2.00 (1.6) | 2.00 (21) |" in a  # 100 / (10 * 5), paper value
+    assert "| 30 | 0.33 (0.4) | 0.33 (33) |" in a
+    assert "paper (A100): 0.4x to 34.8x" in a
+    assert "| 10 | 1.00 | 1.00 |" in (out / "fig3d_cpu.md").read_text()
+
+
+def test_fig3_bad_csv_is_a_clear_error(tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_text("panel,mode\na,feedforward\n")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "plot_fig3.py"), str(path)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode != 0 and "lacks the columns" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_aggregate_mean_sd_in_numeric_order():
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from figtools import aggregate
+
+    recs = [{"d": d, "v": v} for d, v in ((40, 1.0), (5, 2.0), (5, 4.0), (10, 3.0))]
+    out = aggregate(recs, lambda r: r["d"], lambda r: r["v"])
+    assert list(out) == [5, 10, 40]
+    assert out[5][0] == 3.0 and abs(out[5][1] - 2**0.5) < 1e-12 and out[5][2] == 2
+    assert out[40] == (1.0, 0.0, 1)
