@@ -1,0 +1,162 @@
+"""The d-block kernel as one autograd Function whose forward and backward are both linear in T.
+
+Inside a block the no-reset membrane is a linear recurrence restarted at the block start, so it
+is run step by step over the block (vectorised over all blocks of equal length, the batch and
+the neurons): the Python loop has ``L`` iterations, not ``T``, and the work is ``O(T)``, not the
+``O(T L)`` of a Toeplitz matrix. Spikes keep the first crossing of each block. The backward pass
+is written by hand (SPEC §3 step 5):
+
+- straight-through first spike: ``dL/dC_j = sum_{tau >= j} (tau - j + 1) dL/dS_tau`` within the
+  block, i.e. two reverse running sums;
+- surrogate: ``dL/dU = dL/dC / (k |U - 1| + 1)^2``;
+- membrane: the adjoint ``a_tau = dL/dU_tau + beta a_{tau + 1}`` (reverse recurrence), which is
+  ``dL/dJ_tau``; ``dL/dbeta = sum a_tau U_{tau - 1}``.
+
+Only the membrane ``U`` (and, in a recurrent layer, which neurons fired in each block) is kept for
+the backward pass. A recurrent layer with detached spikes runs in the same Function: the
+feedforward membrane of every block is computed at once, then a loop over blocks adds
+``beta^tau R_k`` (the recurrent current entering at the block's first step) and decides which
+neurons fire, which gives ``R_{k+1}``. Tensors are time-major (T, B, N) here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def block_groups(lengths: list[int]) -> list[tuple[int, int, int]]:
+    """Runs of equal-length blocks as ``(start, n_blocks, length)``: the full blocks, then the
+    remainder block if its length differs."""
+    length = lengths[0]
+    n_full = len(lengths) - (lengths[-1] != length)
+    groups = [(0, n_full, length)]
+    if n_full < len(lengths):
+        groups.append((n_full * length, 1, lengths[-1]))
+    return groups
+
+
+def _view(x: Tensor, start: int, n_blocks: int, length: int) -> Tensor:
+    """Blocks ``[start, start + n_blocks * length)`` of a contiguous (T, B, N) as (K, L, B, N)."""
+    return x[start : start + n_blocks * length].view(n_blocks, length, *x.shape[1:])
+
+
+def _membrane(u: Tensor, beta: Tensor) -> None:
+    """In place: (K, L, B, N) input currents -> no-reset membrane restarted at each block."""
+    for tau in range(1, u.shape[1]):
+        u[:, tau].addcmul_(u[:, tau - 1], beta)
+
+
+def _powers(beta: Tensor, length: int) -> Tensor:
+    """``beta ** tau`` for ``tau = 0 .. length-1`` as (L, 1, N); safe at ``beta = 0``."""
+    ones = torch.ones_like(beta).unsqueeze(0)
+    if length > 1:
+        ones = torch.cat([ones, torch.cumprod(beta.expand(length - 1, -1), dim=0)])
+    return ones.unsqueeze(1)
+
+
+def _first_spikes(u: Tensor, out: Tensor) -> Tensor:
+    """Write the first crossing ``U > 1`` of each block of ``u`` (K, L, B, N) into ``out`` (same
+    shape) as 0/1; return which neurons fired in each block, (K, B, N) bool."""
+    cross = u > 1.0
+    first = cross.view(torch.uint8).argmax(1, keepdim=True)  # first True (or 0 if none)
+    fired = cross.gather(1, first)
+    steps = torch.arange(u.shape[1], device=u.device).view(1, -1, 1, 1)
+    out.copy_((steps == first) & fired)
+    return fired.squeeze(1)
+
+
+def _adjoint(grad: Tensor, u: Tensor, beta: Tensor, scale: float, out: Tensor) -> None:
+    """Into ``out`` (K, L, B, N): ``dL/dJ`` from ``dL/dS`` (``grad``) and the membrane ``u``."""
+    n_blocks, length = u.shape[:2]
+    denom = u.sub(1.0).abs_().mul_(scale).add_(1.0)
+    denom.mul_(denom)  # (k |U - 1| + 1)^2
+    run = torch.zeros_like(u[:, 0])  # sum_{tau >= j} dL/dS_tau
+    acc = torch.zeros_like(run)  # sum_{tau >= j} (tau - j + 1) dL/dS_tau
+    for tau in range(length - 1, -1, -1):
+        run.add_(grad[:, tau])
+        acc.add_(run)
+        torch.div(acc, denom[:, tau], out=out[:, tau])
+        if tau < length - 1:
+            out[:, tau].addcmul_(out[:, tau + 1], beta)
+
+
+class DBlockFunction(torch.autograd.Function):
+    """d-block spikes of a feedforward layer, or of a recurrent one with detached spikes."""
+
+    @staticmethod
+    def forward(ctx, current, beta, weight, bias, lengths, scale):  # noqa: D102
+        u = current.contiguous().clone()  # (T, B, N): the membrane, computed in place
+        out = torch.empty_like(u)
+        groups = block_groups(lengths)
+        for start, n_blocks, length in groups:
+            _membrane(_view(u, start, n_blocks, length), beta)
+        fired = None
+        if weight is None:
+            for start, n_blocks, length in groups:
+                _first_spikes(
+                    _view(u, start, n_blocks, length), _view(out, start, n_blocks, length)
+                )
+        else:
+            fired = _recurrent_forward(u, out, beta, weight, bias, lengths)
+        ctx.save_for_backward(u, beta, fired)
+        ctx.lengths, ctx.scale = lengths, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        u, beta, fired = ctx.saved_tensors
+        grad = grad.contiguous()
+        g_current = torch.empty_like(u)
+        g_beta = torch.zeros_like(beta)
+        starts = []
+        for start, n_blocks, length in block_groups(ctx.lengths):
+            adj = _view(g_current, start, n_blocks, length)
+            u_blocks = _view(u, start, n_blocks, length)
+            _adjoint(_view(grad, start, n_blocks, length), u_blocks, beta, ctx.scale, adj)
+            if length > 1 and ctx.needs_input_grad[1]:
+                prod = adj[:, 1:].flatten(0, 2) * u_blocks[:, :-1].flatten(0, 2)
+                g_beta += prod.sum(0)
+            starts.append(adj[:, 0])
+        g_weight = g_bias = None
+        if fired is not None and fired.shape[0] > 1:
+            g_rec = torch.cat(starts)[1:].flatten(0, 1)  # dL/dR_k for k >= 1, (K-1)*B x N
+            if ctx.needs_input_grad[2]:
+                g_weight = g_rec.t() @ fired[:-1].flatten(0, 1).to(g_rec.dtype)
+            if ctx.needs_input_grad[3]:
+                g_bias = g_rec.sum(0)
+        return g_current, g_beta, g_weight, g_bias, None, None
+
+
+def _recurrent_forward(
+    u: Tensor, out: Tensor, beta: Tensor, weight: Tensor, bias: Tensor | None, lengths: list[int]
+) -> Tensor:
+    """Add each block's recurrent current to the feedforward membrane ``u`` in place, block by
+    block, and write the spikes into ``out``. Returns fired (n_blocks, B, N) bool."""
+    fired = []
+    recurrent = None
+    start = 0
+    powers = {}
+    for length in lengths:
+        u_block = u[start : start + length].unsqueeze(0)
+        if recurrent is not None:
+            if length not in powers:
+                powers[length] = _powers(beta, length)
+            u_block[0].addcmul_(powers[length], recurrent)
+        fired.append(_first_spikes(u_block, out[start : start + length].unsqueeze(0))[0])
+        spikes = fired[-1].to(u.dtype)
+        recurrent = spikes @ weight.t() if bias is None else torch.addmm(bias, spikes, weight.t())
+        start += length
+    return torch.stack(fired)
+
+
+def dblock_kernel(
+    current: Tensor,
+    beta: Tensor,
+    lengths: list[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    scale: float = 10.0,
+) -> Tensor:
+    """Spikes (T, B, N) of a d-block layer from its time-major current (T, B, N)."""
+    return DBlockFunction.apply(current, beta, weight, bias, lengths, scale)
