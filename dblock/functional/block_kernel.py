@@ -36,15 +36,9 @@ def block_groups(lengths: list[int]) -> list[tuple[int, int, int]]:
     return groups
 
 
-def _view(x: Tensor, start: int, n_blocks: int, length: int) -> Tensor:
-    """Blocks ``[start, start + n_blocks * length)`` of a contiguous (T, B, N) as (K, L, B, N)."""
-    return x[start : start + n_blocks * length].view(n_blocks, length, *x.shape[1:])
-
-
-def _membrane(u: Tensor, beta: Tensor) -> None:
-    """In place: (K, L, B, N) input currents -> no-reset membrane restarted at each block."""
-    for tau in range(1, u.shape[1]):
-        u[:, tau].addcmul_(u[:, tau - 1], beta)
+def _blocks(x: Tensor, start: int, n_blocks: int, length: int) -> Tensor:
+    """Steps ``[start, start + K * L)`` of a (T, B, N) tensor as a (K, L, B, N) view."""
+    return x[start : start + n_blocks * length].unflatten(0, (n_blocks, length))
 
 
 def _powers(beta: Tensor, length: int) -> Tensor:
@@ -55,30 +49,55 @@ def _powers(beta: Tensor, length: int) -> Tensor:
     return ones.unsqueeze(1)
 
 
-def _first_spikes(u: Tensor, out: Tensor) -> Tensor:
-    """Write the first crossing ``U > 1`` of each block of ``u`` (K, L, B, N) into ``out`` (same
-    shape) as 0/1; return which neurons fired in each block, (K, B, N) bool."""
-    cross = u > 1.0
-    first = cross.view(torch.uint8).argmax(1, keepdim=True)  # first True (or 0 if none)
-    fired = cross.gather(1, first)
-    steps = torch.arange(u.shape[1], device=u.device).view(1, -1, 1, 1)
-    out.copy_((steps == first) & fired)
-    return fired.squeeze(1)
+def _membrane(j: Tensor, u: Tensor, beta: Tensor) -> None:
+    """Into ``u`` (K, L, B, N): the no-reset membrane of the currents ``j``, restarted at each
+    block start. One step per iteration over all K blocks at once."""
+    u[:, 0].copy_(j[:, 0])
+    for tau in range(1, u.shape[1]):
+        torch.addcmul(j[:, tau], u[:, tau - 1], beta, out=u[:, tau])
 
 
-def _adjoint(grad: Tensor, u: Tensor, beta: Tensor, scale: float, out: Tensor) -> None:
-    """Into ``out`` (K, L, B, N): ``dL/dJ`` from ``dL/dS`` (``grad``) and the membrane ``u``."""
+def _first_spikes(u: Tensor, out: Tensor, j: Tensor | None = None, beta: Tensor | None = None):
+    """Write the first crossing ``U > 1`` in each block of ``u`` (K, L, B, N) into ``out`` as
+    0/1 and return which neurons fired, (K, B, N) bool. With ``j`` and ``beta`` the membrane is
+    computed into ``u`` in the same pass (the step is still hot in cache)."""
     n_blocks, length = u.shape[:2]
-    denom = u.sub(1.0).abs_().mul_(scale).add_(1.0)
-    denom.mul_(denom)  # (k |U - 1| + 1)^2
+    cross = torch.empty(u[:, 0].shape, dtype=torch.bool, device=u.device)
+    quiet = torch.ones_like(cross)  # no spike yet in this block
+    for tau in range(length):
+        if j is not None:
+            if tau == 0:
+                u[:, 0].copy_(j[:, 0])
+            else:
+                torch.addcmul(j[:, tau], u[:, tau - 1], beta, out=u[:, tau])
+        torch.gt(u[:, tau], 1.0, out=cross)
+        cross.logical_and_(quiet)  # the first crossing only
+        out[:, tau].copy_(cross)
+        quiet.logical_xor_(cross)
+    return quiet.logical_not_()
+
+
+def _adjoint(grad: Tensor, u: Tensor, beta: Tensor, scale: float, out: Tensor) -> Tensor:
+    """Into ``out`` (K, L, B, N): ``dL/dJ`` from ``dL/dS`` (``grad``) and the membrane ``u``.
+
+    Returns the per-element terms of ``dL/dbeta`` summed over the block steps, (K, B, N).
+    """
+    length = u.shape[1]
     run = torch.zeros_like(u[:, 0])  # sum_{tau >= j} dL/dS_tau
-    acc = torch.zeros_like(run)  # sum_{tau >= j} (tau - j + 1) dL/dS_tau
+    acc = torch.zeros_like(run)  # sum_{tau >= j} (tau - j + 1) dL/dS_tau = dL/dC_j
+    denom = torch.empty_like(run)
+    g_beta = torch.zeros_like(run)
     for tau in range(length - 1, -1, -1):
         run.add_(grad[:, tau])
         acc.add_(run)
-        torch.div(acc, denom[:, tau], out=out[:, tau])
+        torch.sub(u[:, tau], 1.0, out=denom).abs_().mul_(scale).add_(1.0)
+        denom.mul_(denom)  # (k |U - 1| + 1)^2
+        torch.div(acc, denom, out=out[:, tau])
         if tau < length - 1:
             out[:, tau].addcmul_(out[:, tau + 1], beta)
+        if tau > 0:
+            g_beta.addcmul_(out[:, tau], u[:, tau - 1])
+    return g_beta
 
 
 class DBlockFunction(torch.autograd.Function):
@@ -86,19 +105,20 @@ class DBlockFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, current, beta, weight, bias, lengths, scale):  # noqa: D102
-        u = current.contiguous().clone()  # (T, B, N): the membrane, computed in place
+        u = torch.empty(current.shape, dtype=current.dtype, device=current.device)  # (T, B, N)
         out = torch.empty_like(u)
         groups = block_groups(lengths)
-        for start, n_blocks, length in groups:
-            _membrane(_view(u, start, n_blocks, length), beta)
         fired = None
         if weight is None:
-            for start, n_blocks, length in groups:
-                _first_spikes(
-                    _view(u, start, n_blocks, length), _view(out, start, n_blocks, length)
-                )
+            for group in groups:
+                j = _blocks(current, *group)
+                _first_spikes(_blocks(u, *group), _blocks(out, *group), j, beta)
         else:
-            fired = _recurrent_forward(u, out, beta, weight, bias, lengths)
+            for group in groups:
+                _membrane(_blocks(current, *group), _blocks(u, *group), beta)
+            fired = _recurrent_forward(u, beta, weight, bias, lengths)
+            for group in groups:
+                _first_spikes(_blocks(u, *group), _blocks(out, *group))
         ctx.save_for_backward(u, beta, fired)
         ctx.lengths, ctx.scale = lengths, scale
         return out
@@ -106,17 +126,13 @@ class DBlockFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
         u, beta, fired = ctx.saved_tensors
-        grad = grad.contiguous()
         g_current = torch.empty_like(u)
         g_beta = torch.zeros_like(beta)
         starts = []
-        for start, n_blocks, length in block_groups(ctx.lengths):
-            adj = _view(g_current, start, n_blocks, length)
-            u_blocks = _view(u, start, n_blocks, length)
-            _adjoint(_view(grad, start, n_blocks, length), u_blocks, beta, ctx.scale, adj)
-            if length > 1 and ctx.needs_input_grad[1]:
-                prod = adj[:, 1:].flatten(0, 2) * u_blocks[:, :-1].flatten(0, 2)
-                g_beta += prod.sum(0)
+        for group in block_groups(ctx.lengths):
+            adj = _blocks(g_current, *group)
+            terms = _adjoint(_blocks(grad, *group), _blocks(u, *group), beta, ctx.scale, adj)
+            g_beta += terms.flatten(0, 1).sum(0)
             starts.append(adj[:, 0])
         g_weight = g_bias = None
         if fired is not None and fired.shape[0] > 1:
@@ -129,21 +145,21 @@ class DBlockFunction(torch.autograd.Function):
 
 
 def _recurrent_forward(
-    u: Tensor, out: Tensor, beta: Tensor, weight: Tensor, bias: Tensor | None, lengths: list[int]
+    u: Tensor, beta: Tensor, weight: Tensor, bias: Tensor | None, lengths: list[int]
 ) -> Tensor:
-    """Add each block's recurrent current to the feedforward membrane ``u`` in place, block by
-    block, and write the spikes into ``out``. Returns fired (n_blocks, B, N) bool."""
+    """Add each block's recurrent current ``beta^tau R_k`` to the feedforward membrane ``u``
+    (T, B, N) in place, block by block. Returns which neurons fired, (n_blocks, B, N) bool."""
     fired = []
     recurrent = None
     start = 0
     powers = {}
     for length in lengths:
-        u_block = u[start : start + length].unsqueeze(0)
+        u_block = u[start : start + length]
         if recurrent is not None:
             if length not in powers:
                 powers[length] = _powers(beta, length)
-            u_block[0].addcmul_(powers[length], recurrent)
-        fired.append(_first_spikes(u_block, out[start : start + length].unsqueeze(0))[0])
+            u_block.addcmul_(powers[length], recurrent)
+        fired.append(u_block.amax(0) > 1.0)
         spikes = fired[-1].to(u.dtype)
         recurrent = spikes @ weight.t() if bias is None else torch.addmm(bias, spikes, weight.t())
         start += length
