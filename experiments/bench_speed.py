@@ -220,15 +220,29 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    try:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args) -> Path:
     torch.manual_seed(0)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = read_done(out)
     points = grid_points(args)
-    log.info("%d points, torch %s, %d threads, device %s -> %s", len(points),
-             torch.__version__, torch.get_num_threads(), args.device, out)
+    log.info(
+        "%d points, torch %s, %d threads, device %s -> %s",
+        len(points),
+        torch.__version__,
+        torch.get_num_threads(),
+        args.device,
+        out,
+    )
     from tqdm import tqdm
 
     new_file = not out.exists()
@@ -236,7 +250,9 @@ def main(argv=None) -> Path:
         writer = csv.writer(f)
         if new_file:
             writer.writerow(COLUMNS)
-        for point in tqdm(points, desc="bench", disable=not sys.stderr.isatty() and "CI" in os.environ):
+        for point in tqdm(
+            points, desc="bench", disable=not sys.stderr.isatty() and "CI" in os.environ
+        ):
             rows = measure_point(args, *point, done)
             writer.writerows(rows)
             f.flush()
