@@ -61,20 +61,18 @@ def _first_spikes(u: Tensor, out: Tensor, j: Tensor | None = None, beta: Tensor 
     """Write the first crossing ``U > 1`` in each block of ``u`` (K, L, B, N) into ``out`` as
     0/1 and return which neurons fired, (K, B, N) bool. With ``j`` and ``beta`` the membrane is
     computed into ``u`` in the same pass (the step is still hot in cache)."""
-    n_blocks, length = u.shape[:2]
-    cross = torch.empty(u[:, 0].shape, dtype=torch.bool, device=u.device)
-    quiet = torch.ones_like(cross)  # no spike yet in this block
+    length = u.shape[1]
+    quiet = torch.ones_like(u[:, 0])  # 1 until the neuron's first spike in the block
     for tau in range(length):
         if j is not None:
             if tau == 0:
                 u[:, 0].copy_(j[:, 0])
             else:
                 torch.addcmul(j[:, tau], u[:, tau - 1], beta, out=u[:, tau])
-        torch.gt(u[:, tau], 1.0, out=cross)
-        cross.logical_and_(quiet)  # the first crossing only
-        out[:, tau].copy_(cross)
-        quiet.logical_xor_(cross)
-    return quiet.logical_not_()
+        spikes = torch.gt(u[:, tau], 1.0, out=out[:, tau])
+        spikes.mul_(quiet)  # the first crossing only
+        quiet.sub_(spikes)
+    return quiet == 0
 
 
 def _adjoint(grad: Tensor, u: Tensor, beta: Tensor, scale: float, out: Tensor) -> Tensor:
@@ -83,15 +81,16 @@ def _adjoint(grad: Tensor, u: Tensor, beta: Tensor, scale: float, out: Tensor) -
     Returns the per-element terms of ``dL/dbeta`` summed over the block steps, (K, B, N).
     """
     length = u.shape[1]
-    run = torch.zeros_like(u[:, 0])  # sum_{tau >= j} dL/dS_tau
-    acc = torch.zeros_like(run)  # sum_{tau >= j} (tau - j + 1) dL/dS_tau = dL/dC_j
+    # 1 / (k |x| + 1)^2 = (1 / k^2) / (|x| + 1 / k)^2: the 1 / k^2 rides on the running sums
+    run = torch.zeros_like(u[:, 0])  # sum_{tau >= j} dL/dS_tau / k^2
+    acc = torch.zeros_like(run)  # sum_{tau >= j} (tau - j + 1) dL/dS_tau / k^2 = dL/dC_j / k^2
     denom = torch.empty_like(run)
     g_beta = torch.zeros_like(run)
     for tau in range(length - 1, -1, -1):
-        run.add_(grad[:, tau])
+        run.add_(grad[:, tau], alpha=1.0 / scale**2)
         acc.add_(run)
-        torch.sub(u[:, tau], 1.0, out=denom).abs_().mul_(scale).add_(1.0)
-        denom.mul_(denom)  # (k |U - 1| + 1)^2
+        torch.sub(u[:, tau], 1.0, out=denom).abs_().add_(1.0 / scale)
+        denom.mul_(denom)
         torch.div(acc, denom, out=out[:, tau])
         if tau < length - 1:
             out[:, tau].addcmul_(out[:, tau + 1], beta)
