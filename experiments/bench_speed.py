@@ -143,13 +143,14 @@ def measure_point(args, panel: str, mode: str, n_in: int, n: int, t_len: int, do
             continue
         runners.append(((impl, scope, d), fn, arg, params))
     times = {r[0]: [] for r in runners}
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     for _ in range(args.rounds):  # interleaved: one call of each case per round
         for case, fn, arg, params in runners:
             sync(device)
-            start = time.perf_counter()
+            start = clock()
             run_once(fn, arg, params)
             sync(device)
-            times[case].append(time.perf_counter() - start)
+            times[case].append(clock() - start)
     rows = []
     for case, fn, arg, params in runners:
         impl, scope, d = case
@@ -202,6 +203,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds (median)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument(
+        "--clock",
+        default="wall",
+        choices=["wall", "cpu"],
+        help="wall: elapsed time; cpu: this process's CPU time (with --threads 1 on a shared\n"
+        "CPU it leaves out the time other processes hold the core; CPU devices only)",
+    )
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip peak memory")
     p.add_argument("--quick", action="store_true", help="tiny smoke run")
     p.add_argument("--out", default="outputs/bench_speed.csv")
@@ -214,6 +222,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.batch, args.d, args.rounds, args.warmup = 4, [2, 4], 2, 1
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda requested but torch.cuda.is_available() is False")
+    if args.device.startswith("cuda") and args.clock == "cpu":
+        p.error("--clock cpu measures host CPU time; use --clock wall with --device cuda")
     return args
 
 
