@@ -31,7 +31,7 @@ def lif_neurons(
     # needs grad makes the backward O(T^2).
     steps = current.permute(2, 0, 1).contiguous().unbind(0)
     out = []
-    v = steps[0]
+    v = s = steps[0]  # s is first read at t = 1
     for t, i_t in enumerate(steps):
         if t > 0:
             v = beta * (v - s) + i_t

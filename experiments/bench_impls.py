@@ -1,0 +1,196 @@
+"""The implementations the speed benchmark times: dblock's layers, the paper-style loop, peers.
+
+Each builder returns a callable that runs one forward pass and returns a tensor whose ``sum()``
+is backpropagated, or raises ``Unavailable`` with the reason (a peer library not installed).
+Layer scope: input spikes ``x`` (B, n_in, T) -> spikes. Neurons scope: input current ``I``
+(B, N, T), already projected, -> spikes. Peers get the time-major (T, B, ...) layout they expect.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from dblock import functional as F
+from dblock.nn.layers import HIDDEN_BETA, DBlockLayer, LIFLayer, Projection
+
+PEERS = ("snntorch", "norse", "norse_compiled", "spikingjelly")
+
+
+class Unavailable(Exception):
+    """An implementation that cannot run here (library missing, no fused backend, ...)."""
+
+
+def paper_style_neurons(
+    current: Tensor, beta: Tensor, weight: Tensor | None, bias: Tensor | None, scale: float = 10.0
+) -> Tensor:
+    """The standard LIF loop indexing time as ``I[:, :, t]`` on the (B, N, T) tensor, as the
+    paper's baseline does. Benchmark only; the library uses time-major slices."""
+    out = []
+    v = s = None
+    for t in range(current.shape[-1]):
+        if t == 0:
+            v = current[:, :, 0]
+        else:
+            v = beta * (v - s) + current[:, :, t]
+            if weight is not None:
+                v = v + s.detach() @ weight.t() + bias
+        s = F.fast_sigmoid(v - 1.0, scale)
+        out.append(s)
+    return torch.stack(out, dim=-1)
+
+
+class PaperStyleLayer(nn.Module):
+    """Projection + the paper-style loop."""
+
+    def __init__(self, n_in: int, n: int, recurrent: bool) -> None:
+        super().__init__()
+        self.projection = Projection(n_in, n)
+        self.beta = nn.Parameter(torch.full((n,), HIDDEN_BETA))
+        self.recurrent = nn.Linear(n, n) if recurrent else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        rec = self.recurrent
+        w, b = (rec.weight, rec.bias) if rec is not None else (None, None)
+        return paper_style_neurons(self.projection(x), self.beta.clamp(0, 1), w, b)
+
+
+class TimeMajorPeer(nn.Module):
+    """A peer's neuron loop behind an ``nn.Linear`` on the time-major input. ``step`` maps a
+    (T, B, N) current to (T, B, N) spikes."""
+
+    def __init__(self, n_in: int | None, n: int, step: Callable[[Tensor], Tensor], mods) -> None:
+        super().__init__()
+        self.linear = nn.Linear(n_in, n) if n_in is not None else None
+        self.mods = nn.ModuleList(mods)
+        self.step = step
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.permute(2, 0, 1)  # (T, B, n_in) or (T, B, N) current
+        return self.step(self.linear(x) if self.linear is not None else x.contiguous())
+
+
+def _snntorch(n: int, recurrent: bool):
+    try:
+        import snntorch
+        from snntorch import surrogate
+    except ImportError as err:
+        raise Unavailable(f"snntorch not installed ({err})") from None
+    grad = surrogate.fast_sigmoid(slope=10)
+    if recurrent:
+        cell = snntorch.RLeaky(HIDDEN_BETA, linear_features=n, spike_grad=grad)
+    else:
+        cell = snntorch.Leaky(HIDDEN_BETA, spike_grad=grad)
+
+    def step(cur: Tensor) -> Tensor:
+        out = []
+        if recurrent:
+            spk, mem = cell.init_rleaky()
+        else:
+            mem = cell.init_leaky()
+        for i_t in cur.unbind(0):
+            spk, mem = cell(i_t, spk, mem) if recurrent else cell(i_t, mem)
+            out.append(spk)
+        return torch.stack(out)
+
+    return step, [cell]
+
+
+def _norse(n: int, recurrent: bool, compiled: bool):
+    try:
+        import norse.torch as norse
+    except ImportError as err:
+        raise Unavailable(f"norse not installed ({err})") from None
+    # membrane decay per step exp(-1/10) ~ 1 - dt * tau_mem_inv with dt = 1 ms
+    params = norse.LIFParameters(tau_mem_inv=torch.tensor((1 - HIDDEN_BETA) / 1e-3))
+    cell = norse.LIFRecurrentCell(n, n, p=params) if recurrent else norse.LIFCell(p=params)
+    if recurrent:  # the recurrent cell owns an input matrix too: feed it the current directly
+        with torch.no_grad():
+            cell.input_weights.copy_(torch.eye(n))
+        cell.input_weights.requires_grad_(False)
+    run = torch.compile(cell, dynamic=False) if compiled else cell
+
+    def step(cur: Tensor) -> Tensor:
+        out, state = [], None
+        for i_t in cur.unbind(0):
+            spk, state = run(i_t, state)
+            out.append(spk)
+        return torch.stack(out)
+
+    return step, [cell]
+
+
+def _spikingjelly(n: int, recurrent: bool):
+    try:
+        from spikingjelly.activation_based import functional, layer, neuron, surrogate
+    except ImportError as err:
+        raise Unavailable(f"spikingjelly not installed ({err})") from None
+    # SpikingJelly 2.0's LIFNode has one (torch) multi-step backend; the fused CuPy/Triton
+    # backends of 0.0.0.0.x are gone from it.
+    tau = 1.0 / (1.0 - HIDDEN_BETA)  # v <- v - v / tau + x: decay 1 - 1/tau = beta
+    node = neuron.LIFNode(
+        tau=tau,
+        decay_input=False,
+        v_reset=None,
+        surrogate_function=surrogate.Sigmoid(),
+        step_mode="s" if recurrent else "m",  # the recurrent container loops over steps
+    )
+    mod = layer.LinearRecurrentContainer(node, n, n, step_mode="m") if recurrent else node
+
+    def step(cur: Tensor) -> Tensor:
+        functional.reset_net(mod)
+        return mod(cur)
+
+    return step, [mod]
+
+
+def build(
+    impl: str, scope: str, mode: str, n_in: int, n: int, d: int | None, device: str
+) -> Callable[[Tensor], Tensor]:
+    """A module or function for ``impl`` at ``scope``: called on x (layer) or I (neurons)."""
+    recurrent = mode == "recurrent"
+    layer_in = n_in if scope == "layer" else None
+    if impl == "floor":
+        return Projection(n_in, n).to(device)
+    if impl in ("dblock", "standard", "paper_style"):
+        if scope == "layer":
+            if impl == "dblock":
+                return DBlockLayer(n_in, n, d, recurrent=recurrent).to(device)
+            if impl == "standard":
+                return LIFLayer(n_in, n, recurrent=recurrent).to(device)
+            return PaperStyleLayer(n_in, n, recurrent).to(device)
+        return _NeuronsOnly(impl, n, d, recurrent).to(device)
+    if impl == "snntorch":
+        step, mods = _snntorch(n, recurrent)
+    elif impl in ("norse", "norse_compiled"):
+        step, mods = _norse(n, recurrent, impl == "norse_compiled")
+    elif impl == "spikingjelly":
+        step, mods = _spikingjelly(n, recurrent)
+    else:
+        raise ValueError(f"unknown impl {impl!r}")
+    return TimeMajorPeer(layer_in, n, step, mods).to(device)
+
+
+class _NeuronsOnly(nn.Module):
+    """dblock's neuron functions (or the paper-style loop) on a given current (B, N, T)."""
+
+    def __init__(self, impl: str, n: int, d: int | None, recurrent: bool) -> None:
+        super().__init__()
+        self.impl, self.d = impl, d
+        self.beta = nn.Parameter(torch.full((n,), HIDDEN_BETA))
+        self.weight = self.bias = None
+        if recurrent:
+            bound = math.sqrt(1.0 / n)
+            self.weight = nn.Parameter(torch.empty(n, n).uniform_(-bound, bound))
+            self.bias = nn.Parameter(torch.zeros(n))
+
+    def forward(self, current: Tensor) -> Tensor:
+        beta = self.beta.clamp(0, 1)
+        if self.impl == "dblock":
+            return F.dblock_neurons(current, beta, self.d, self.weight, self.bias)
+        if self.impl == "standard":
+            return F.lif_neurons(current, beta, self.weight, self.bias)
+        return paper_style_neurons(current, beta, self.weight, self.bias)

@@ -1,0 +1,273 @@
+"""Fig. 3 speed benchmark (SPEC §7): fwd+bwd of one hidden layer, d-block vs standard vs peers.
+
+One hidden layer (projection + neurons, no readout) on Poisson input (1000 units, per-sample rate
+~ U(0, 200) Hz, 1 ms steps), batch 128. For each grid point it times, side by side and in
+interleaved rounds (median reported): the floor (the projection alone), dblock's d-block layer
+for each d, dblock's standard layer, the paper-style (B, N, T)-indexed standard loop, and the
+peers that are installed (``pip install -e ".[bench]"``). Both whole-layer (x -> spikes) and
+neurons-only (current -> spikes) times, and the peak fwd+bwd memory of one call. Rows are
+appended to a CSV as each point finishes; rows already there are skipped (resumable).
+
+    MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000 \\
+        python experiments/bench_speed.py --grid full --out outputs/bench_speed.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments.bench_impls import PEERS, Unavailable, build  # noqa: E402
+
+log = logging.getLogger("bench_speed")
+COLUMNS = "panel,mode,impl,scope,d,t_len,n_hidden,n_in,batch,device,time_ms,peak_mem_mb".split(",")
+KEY = COLUMNS[:10]
+D_VALUES = (5, 10, 15, 20, 25, 30)
+GRIDS = {  # panel -> (mode, [(t_len, n_hidden)], n_in)
+    "full": {
+        "a": ("feedforward", [(t, 100) for t in (32, 64, 128, 256, 512, 1024, 2048)], 1000),
+        "b": ("feedforward", [(512, n) for n in range(100, 1001, 100)], 1000),
+        "c": ("recurrent", [(t, 100) for t in (32, 64, 128, 256, 512, 1024, 2048)], 1000),
+        "d": ("recurrent", [(512, n) for n in range(100, 1001, 100)], 1000),
+        "shd": (None, [(500, 128)], 700),
+    },
+    "reduced": {  # a CPU-sized subset: the SHD point, three t of panels a/c, one n of b/d
+        "a": ("feedforward", [(t, 100) for t in (128, 512, 2048)], 1000),
+        "b": ("feedforward", [(512, 200)], 1000),
+        "c": ("recurrent", [(t, 100) for t in (128, 512, 2048)], 1000),
+        "d": ("recurrent", [(512, 200)], 1000),
+        "shd": (None, [(500, 128)], 700),
+    },
+    "quick": {
+        "a": ("feedforward", [(16, 8), (32, 8)], 20),
+        "c": ("recurrent", [(32, 8)], 20),
+        "shd": (None, [(20, 6)], 12),
+    },
+}
+
+
+def poisson_input(batch: int, n_in: int, t_len: int, device: str, seed: int = 0) -> torch.Tensor:
+    """Spikes (B, n_in, T): each sample fires at a rate ~ U(0, 200) Hz, 1 ms steps."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    rate = torch.rand(batch, 1, 1, generator=g) * 200.0
+    x = (torch.rand(batch, n_in, t_len, generator=g) < rate * 1e-3).float()
+    return x.to(device)
+
+
+def run_once(fn, arg: torch.Tensor, params: list[torch.Tensor]) -> None:
+    """One forward + backward of ``fn(arg).sum()``."""
+    for p in params:
+        p.grad = None
+    fn(arg).sum().backward()
+
+
+def peak_memory_mb(fn, arg: torch.Tensor, params: list[torch.Tensor], device: str) -> float:
+    """Peak memory allocated above the starting level during one fwd+bwd, in MB.
+
+    CUDA: ``torch.cuda.max_memory_allocated``. CPU: the running sum, in time order, of the net
+    allocations each operator makes and the frees the profiler records (``profile_memory``).
+    """
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run_once(fn, arg, params)
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run_once(fn, arg, params)
+    events = sorted(
+        (e.time_range.start, e.self_cpu_memory_usage)
+        for e in prof.events()
+        if e.self_cpu_memory_usage
+    )
+    level = peak = 0
+    for _, delta in events:
+        level += delta
+        peak = max(peak, level)
+    return peak / 2**20
+
+
+def point_cases(args, mode: str, n_in: int, n: int, t_len: int) -> list[tuple]:
+    """(impl, scope, d) triples to time at one grid point."""
+    cases = [("floor", "layer", None)]
+    d_values = [d for d in args.d if d <= t_len]
+    for scope in args.scopes:
+        cases += [("dblock", scope, d) for d in d_values]
+        cases += [(impl, scope, None) for impl in ("standard", "paper_style") if impl in args.impls]
+        cases += [(p, scope, None) for p in PEERS if p in args.impls]
+    return [c for c in cases if c[0] == "floor" or c[0] in args.impls]
+
+
+def measure_point(args, panel: str, mode: str, n_in: int, n: int, t_len: int, done: set) -> list:
+    """Time every case at one point, interleaved over rounds; returns CSV rows."""
+    device = args.device
+    base = [panel, mode]
+    key_tail = [t_len, n, n_in, args.batch, device]
+    todo = [
+        c
+        for c in point_cases(args, mode, n_in, n, t_len)
+        if tuple(map(str, base + [c[0], c[1], c[2] or ""] + key_tail)) not in done
+    ]
+    if not todo:
+        return []
+    x = poisson_input(args.batch, n_in, t_len, device)
+    with torch.no_grad():  # a realistic current for the neurons-only scope
+        current = build("floor", "layer", mode, n_in, n, None, device)(x)
+    current = current.detach().requires_grad_()
+    runners = []
+    for impl, scope, d in todo:
+        try:
+            fn = build(impl, scope, mode, n_in, n, d, device)
+            arg = x if scope == "layer" else current
+            params = list(fn.parameters()) + ([current] if scope == "neurons" else [])
+            for _ in range(args.warmup):
+                run_once(fn, arg, params)
+        except Unavailable as err:
+            log.warning("skipping %s: %s", impl, err)
+            continue
+        except Exception as err:  # noqa: BLE001 - a peer that breaks must not stop the run
+            log.warning("skipping %s (%s, %s): %s: %s", impl, scope, mode, type(err).__name__, err)
+            continue
+        runners.append(((impl, scope, d), fn, arg, params))
+    times = {r[0]: [] for r in runners}
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    for _ in range(args.rounds):  # interleaved: one call of each case per round
+        for case, fn, arg, params in runners:
+            sync(device)
+            start = clock()
+            run_once(fn, arg, params)
+            sync(device)
+            times[case].append(clock() - start)
+    rows = []
+    for case, fn, arg, params in runners:
+        impl, scope, d = case
+        mem = peak_memory_mb(fn, arg, params, device) if args.memory else float("nan")
+        ms = statistics.median(times[case]) * 1e3
+        rows.append(base + [impl, scope, d or ""] + key_tail + [f"{ms:.3f}", f"{mem:.2f}"])
+    return rows
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def read_done(path: Path) -> set:
+    """Keys of the rows already in the CSV."""
+    if not path.exists():
+        return set()
+    with path.open() as f:
+        return {tuple(row[k] for k in KEY) for row in csv.DictReader(f)}
+
+
+def grid_points(args) -> list[tuple]:
+    """(panel, mode, n_in, n_hidden, t_len) for the chosen grid and panels."""
+    grid = GRIDS["quick" if args.quick else args.grid]
+    points = []
+    for panel in args.panels:
+        if panel not in grid:
+            continue
+        mode, shapes, n_in = grid[panel]
+        modes = args.modes if mode is None else [mode]
+        for t_len, n in shapes:
+            if args.t and t_len not in args.t:
+                continue
+            points += [(panel, m, n_in, n, t_len) for m in modes]
+    return points
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--grid", default="reduced", choices=["full", "reduced"])
+    p.add_argument("--panels", default="shd,a,b,c,d", help="comma list of a,b,c,d,shd")
+    p.add_argument("--modes", default="feedforward,recurrent", help="modes of the shd panel")
+    p.add_argument("--t", default="", help="only these t_len values (comma list)")
+    p.add_argument("--d", default=",".join(map(str, D_VALUES)), help="d values (comma list)")
+    p.add_argument("--impls", default="dblock,standard,paper_style," + ",".join(PEERS))
+    p.add_argument("--scopes", default="layer,neurons")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds (median)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument(
+        "--clock",
+        default="wall",
+        choices=["wall", "cpu"],
+        help="wall: elapsed time; cpu: this process's CPU time (with --threads 1 on a shared\n"
+        "CPU it leaves out the time other processes hold the core; CPU devices only)",
+    )
+    p.add_argument("--no-memory", dest="memory", action="store_false", help="skip peak memory")
+    p.add_argument("--quick", action="store_true", help="tiny smoke run")
+    p.add_argument("--out", default="outputs/bench_speed.csv")
+    args = p.parse_args(argv)
+    ints = lambda s: [int(v) for v in s.split(",") if v]  # noqa: E731
+    args.panels, args.modes = args.panels.split(","), args.modes.split(",")
+    args.impls, args.scopes = args.impls.split(","), args.scopes.split(",")
+    args.t, args.d = ints(args.t), ints(args.d)
+    if args.quick:
+        args.batch, args.d, args.rounds, args.warmup = 4, [2, 4], 2, 1
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda requested but torch.cuda.is_available() is False")
+    if args.device.startswith("cuda") and args.clock == "cpu":
+        p.error("--clock cpu measures host CPU time; use --clock wall with --device cuda")
+    return args
+
+
+def main(argv=None) -> Path:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    try:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args) -> Path:
+    torch.manual_seed(0)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = read_done(out)
+    points = grid_points(args)
+    log.info(
+        "%d points, torch %s, %d threads, device %s -> %s",
+        len(points),
+        torch.__version__,
+        torch.get_num_threads(),
+        args.device,
+        out,
+    )
+    from tqdm import tqdm
+
+    new_file = not out.exists()
+    with out.open("a", newline="") as f:
+        writer = csv.writer(f)
+        if new_file:
+            writer.writerow(COLUMNS)
+        for point in tqdm(
+            points, desc="bench", disable=not sys.stderr.isatty() and "CI" in os.environ
+        ):
+            rows = measure_point(args, *point, done)
+            writer.writerows(rows)
+            f.flush()
+    return out
+
+
+if __name__ == "__main__":
+    main()

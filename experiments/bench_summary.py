@@ -1,0 +1,75 @@
+"""Ratios from the speed benchmark's CSV, as markdown tables.
+
+    python experiments/bench_summary.py outputs/bench_speed_cpu.csv
+
+For every (panel, mode, t_len, n_hidden, device): the d-block layer over the floor, the speedup
+of the d-block over dblock's standard layer (whole layer and neurons only: standard time /
+d-block time), each other implementation's whole-layer time over the d-block's, and peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from collections import defaultdict
+
+OTHERS = ("paper_style", "snntorch", "norse", "norse_compiled", "spikingjelly")
+
+
+def load(path: str) -> dict:
+    """{(panel, mode, t_len, n_hidden, device): {(impl, scope, d): (time_ms, peak_mem_mb)}}."""
+    points: dict = defaultdict(dict)
+    with open(path) as f:
+        for r in csv.DictReader(f):
+            key = (r["panel"], r["mode"], int(r["t_len"]), int(r["n_hidden"]), r["device"])
+            points[key][(r["impl"], r["scope"], r["d"])] = (
+                float(r["time_ms"]),
+                float(r["peak_mem_mb"]),
+            )
+    return points
+
+
+def _fmt(x: float | None, digits: int = 2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def table(points: dict) -> str:
+    """One row per point and d."""
+    head = (
+        "| panel | mode | T | n | d | floor ms | dblock layer/floor | speedup layer | "
+        "speedup neurons | " + " | ".join(f"{o}/dblock" for o in OTHERS) + " | mem dblock/std |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for key in sorted(points):
+        cases = points[key]
+        floor = cases.get(("floor", "layer", ""), (None, None))[0]
+        std = cases.get(("standard", "layer", ""))
+        std_n = cases.get(("standard", "neurons", ""))
+        ds = sorted({int(d) for impl, _, d in cases if impl == "dblock"})
+        for d in ds:
+            lay = cases.get(("dblock", "layer", str(d)))
+            neu = cases.get(("dblock", "neurons", str(d)))
+
+            def ratio(a, b):
+                return a[0] / b[0] if a and b else None
+
+            others = [ratio(cases.get((o, "layer", "")), lay) for o in OTHERS]
+            mem = lay[1] / std[1] if lay and std and std[1] > 0 else None
+            lines.append(
+                f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {d} | {_fmt(floor, 0)} | "
+                f"{_fmt(lay[0] / floor if lay and floor else None, 3)} | "
+                f"{_fmt(ratio(std, lay))} | {_fmt(ratio(std_n, neu))} | "
+                + " | ".join(_fmt(o) for o in others)
+                + f" | {_fmt(mem)} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("csv")
+    print(table(load(p.parse_args(argv).csv)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""Smoke run of the speed benchmark on tiny sizes: it runs, writes its CSV, and resumes."""
+
+from __future__ import annotations
+
+import csv
+
+from experiments import bench_speed
+
+
+def test_bench_speed_quick_writes_and_resumes(tmp_path):
+    out = tmp_path / "bench.csv"
+    argv = [
+        "--quick",
+        "--threads",
+        "1",
+        "--panels",
+        "shd,c",
+        "--rounds",
+        "1",
+        "--out",
+        str(out),
+        "--impls",
+        "dblock,standard,paper_style",
+    ]
+    bench_speed.main(argv)
+    with out.open() as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0].keys()) == bench_speed.COLUMNS
+    impls = {(r["impl"], r["scope"], r["mode"]) for r in rows}
+    for mode in ("feedforward", "recurrent"):
+        for impl in ("dblock", "standard", "paper_style"):
+            assert (impl, "neurons", mode) in impls and (impl, "layer", mode) in impls
+        assert ("floor", "layer", mode) in impls
+    assert {r["d"] for r in rows if r["impl"] == "dblock"} == {"2", "4"}
+    assert all(r["d"] == "" for r in rows if r["impl"] != "dblock")
+    assert all(float(r["time_ms"]) > 0 and float(r["peak_mem_mb"]) >= 0 for r in rows)
+    n_rows = len(rows)
+    bench_speed.main(argv)  # resumable: nothing left to do, no duplicate rows
+    with out.open() as f:
+        assert len(list(csv.DictReader(f))) == n_rows

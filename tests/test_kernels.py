@@ -1,0 +1,118 @@
+"""The linear-time d-block kernel against the step-by-step reference: long blocks, odd layouts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dblock import functional as F
+from dblock.functional import reference as R
+from dblock.functional.block_kernel import block_groups
+
+LONG = [  # (B, N, T, d): long blocks, remainders of every kind
+    (2, 5, 300, 2),
+    (1, 4, 301, 3),
+    (3, 3, 128, 1),
+    (2, 6, 97, 10),
+    (2, 4, 64, 64),
+]
+
+
+def make(b, n, t, seed, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    current = (torch.randn(b, n, t, generator=g, dtype=dtype) * 0.6 + 0.2).requires_grad_()
+    beta = (torch.rand(n, generator=g, dtype=dtype) * 0.3 + 0.7).requires_grad_()
+    weight = (torch.randn(n, n, generator=g, dtype=dtype) * 0.5).requires_grad_()
+    bias = (torch.randn(n, generator=g, dtype=dtype) * 0.1).requires_grad_()
+    return current, beta, weight, bias
+
+
+def check(fn_fast, fn_ref, inputs, seed=3, rtol=1e-9, atol=1e-9):
+    """Spikes identical; gradients of a random projection of the spikes close."""
+    fast, ref = fn_fast(), fn_ref()
+    assert torch.equal(fast, ref)
+    probe = torch.randn(fast.shape, generator=torch.Generator().manual_seed(seed), dtype=fast.dtype)
+    got = torch.autograd.grad((fast * probe).sum(), inputs, allow_unused=True)
+    want = torch.autograd.grad((ref * probe).sum(), inputs, allow_unused=True)
+    for g, w, x in zip(got, want, inputs, strict=True):
+        g = torch.zeros_like(x) if g is None else g
+        w = torch.zeros_like(x) if w is None else w
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, w, rtol=rtol, atol=atol)
+    return fast
+
+
+@pytest.mark.parametrize("b,n,t,d", LONG)
+@pytest.mark.parametrize("recurrent", [False, True])
+def test_long_blocks_match_reference(b, n, t, d, recurrent):
+    current, beta, weight, bias = make(b, n, t, seed=t + d)
+    kw = dict(recurrent_weight=weight, recurrent_bias=bias) if recurrent else {}
+    inputs = [current, beta] + ([weight, bias] if recurrent else [])
+    spikes = check(
+        lambda: F.dblock_neurons(current, beta, d, **kw),
+        lambda: R.dblock_neurons(current, beta, d, **kw),
+        inputs,
+    )
+    assert spikes.sum() > 0  # the inputs drive the neurons over threshold
+
+
+@pytest.mark.parametrize("beta_value", [0.0, 1.0])
+def test_beta_at_the_clamp_edges(beta_value):
+    current, _, weight, bias = make(2, 4, 40, seed=5)
+    beta = torch.full((4,), beta_value, dtype=torch.float64, requires_grad=True)
+    check(
+        lambda: F.dblock_neurons(current, beta, 3, weight, bias),
+        lambda: R.dblock_neurons(current, beta, 3, weight, bias),
+        [current, beta, weight, bias],
+    )
+
+
+def test_recurrent_without_bias_and_noncontiguous_current():
+    current, beta, weight, _ = make(3, 5, 60, seed=7)
+    # a time-major tensor seen as (B, N, T), as a layer's projection hands it over, and a
+    # batch-major one; both layouts give the same spikes and gradients
+    time_major = current.detach().permute(2, 0, 1).contiguous().requires_grad_()
+    check(
+        lambda: F.dblock_neurons(time_major.permute(1, 2, 0), beta, 6, weight),
+        lambda: R.dblock_neurons(time_major.permute(1, 2, 0), beta, 6, weight),
+        [time_major, beta, weight],
+    )
+
+
+def test_sum_loss_gradient_through_expanded_grad():
+    """``spikes.sum()`` hands the kernel a stride-0 gradient; it must be read correctly."""
+    current, beta, weight, bias = make(2, 3, 50, seed=11)
+    grads = []
+    for fn in (F.dblock_neurons, R.dblock_neurons):
+        out = fn(current, beta, 4, weight, bias)
+        grads.append(torch.autograd.grad(out.sum(), [current, beta, weight, bias]))
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_float32_matches_reference_in_float32():
+    current, beta, weight, bias = make(4, 8, 200, seed=13, dtype=torch.float32)
+    check(
+        lambda: F.dblock_neurons(current, beta, 5, weight, bias),
+        lambda: R.dblock_neurons(current, beta, 5, weight, bias),
+        [current, beta, weight, bias],
+        rtol=1e-4,
+        atol=1e-4,
+    )
+
+
+def test_attached_recurrence_uses_kernel_and_matches():
+    current, beta, weight, bias = make(2, 4, 90, seed=17)
+    kw = dict(recurrent_weight=weight, recurrent_bias=bias, detach_recurrent=False)
+    check(
+        lambda: F.dblock_neurons(current, beta, 4, **kw),
+        lambda: R.dblock_neurons(current, beta, 4, **kw),
+        [current, beta, weight, bias],
+    )
+
+
+def test_block_groups():
+    assert block_groups(F.block_lengths(10, 3)) == [(0, 3, 3), (9, 1, 1)]
+    assert block_groups(F.block_lengths(11, 4)) == [(0, 4, 2), (8, 1, 3)]
+    assert block_groups(F.block_lengths(10, 4)) == [(0, 5, 2)]  # remainder as long as L
+    assert block_groups(F.block_lengths(7, 7)) == [(0, 7, 1)]
