@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Sequence
+
+import numpy as np
 
 import pytorch_lightning as pl
 import torch
@@ -12,6 +15,10 @@ from torch.nn import functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 STAGES = ("train", "val", "test")
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss or non-finite weights; the run must stop."""
 
 
 class SNNTask(pl.LightningModule):
@@ -38,6 +45,7 @@ class SNNTask(pl.LightningModule):
         )
         self.epoch_times: list[float] = []
         self._epoch_start = 0.0
+        self._finite = torch.ones((), dtype=torch.bool)  # all train losses this epoch finite
 
     def forward(self, x: Tensor):
         return self.model(x)
@@ -55,7 +63,10 @@ class SNNTask(pl.LightningModule):
         return loss
 
     def training_step(self, batch, batch_idx):
-        return self._step(batch, "train")
+        loss = self._step(batch, "train")
+        # accumulated on the device, checked once per epoch: no host sync per step
+        self._finite = self._finite.to(loss.device) & torch.isfinite(loss.detach())
+        return loss
 
     def validation_step(self, batch, batch_idx):
         self._step(batch, "val")
@@ -65,8 +76,16 @@ class SNNTask(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._epoch_start = time.perf_counter()
+        self._finite = torch.ones((), dtype=torch.bool, device=self.device)
 
     def on_train_epoch_end(self) -> None:
+        # runs before the checkpoint callbacks: a bad epoch stops here and writes nothing
+        bad = self.trainer.strategy.reduce_boolean_decision(not bool(self._finite), all=False)
+        if bad:
+            raise NonFiniteError(
+                f"non-finite training loss in epoch {self.current_epoch}; the run stops and keeps "
+                "the checkpoints of the last good epoch (try a lower task.lr)"
+            )
         elapsed = time.perf_counter() - self._epoch_start
         self.epoch_times.append(elapsed)
         self.log("train/epoch_time_s", elapsed, sync_dist=True)
@@ -78,10 +97,19 @@ class SNNTask(pl.LightningModule):
         return sum(times) / len(times) if times else None
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        bad = [k for k, v in checkpoint["state_dict"].items() if v.is_floating_point() and not v.isfinite().all()]
+        if bad:  # never overwrite a good checkpoint with broken weights
+            raise NonFiniteError(
+                f"non-finite weights in {', '.join(bad[:3])} at epoch {self.current_epoch}; the "
+                "run stops and keeps the checkpoints of the last good epoch (try a lower task.lr)"
+            )
         checkpoint["epoch_times"] = list(self.epoch_times)
+        checkpoint["rng"] = rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.epoch_times = list(checkpoint.get("epoch_times", []))
+        if "rng" in checkpoint:
+            set_rng_state(checkpoint["rng"])
 
     def configure_optimizers(self):
         optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
@@ -89,3 +117,30 @@ class SNNTask(pl.LightningModule):
             optimizer, milestones=list(self.hparams.milestones), gamma=self.hparams.gamma
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+
+def rng_state() -> dict:
+    """Python, NumPy, torch (and CUDA) generator states as tensors and plain types.
+
+    Plain types only, so checkpoints load with ``torch.load(weights_only=True)``.
+    """
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what ``rng_state`` saved."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
