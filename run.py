@@ -101,6 +101,17 @@ def tested(path: str | None, ckpt: dict | None) -> dict:
     return {"tested_ckpt": str(path), "tested_epoch": int(ckpt["epoch"]) + 1 if ckpt else None}
 
 
+def checkpoint_paths(trainer) -> tuple[str | None, str | None]:
+    """(last, best): the newest checkpoint and the best by the selection metric, if written."""
+    last = best = None
+    for callback in trainer.checkpoint_callbacks:
+        if callback.monitor is None:
+            last = callback.best_model_path or last  # top-1 without a monitor: the newest
+        else:
+            best = callback.best_model_path or best
+    return last, best
+
+
 def train_and_test(cfg: DictConfig, out_dir: Path) -> dict:
     start = time.perf_counter()
     datamodule, task, trainer = build(cfg)
@@ -115,22 +126,19 @@ def train_and_test(cfg: DictConfig, out_dir: Path) -> dict:
     try:
         trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
     except NonFiniteError as err:
-        callback = trainer.checkpoint_callback
+        last, _ = checkpoint_paths(trainer)
         return {
             "status": "failed",
             "error": str(err),
             "epoch": trainer.current_epoch,
-            "last_good_ckpt": (callback.last_model_path or None) if callback else None,
+            "last_good_ckpt": last,
             **{"train/epoch_time_s": task.mean_epoch_time()},
             **{k: v for k, v in results(cfg, {}).items() if k not in ("status", "test/acc", "test/loss", "test/spikes_per_sample")},
             "wall_time_s": time.perf_counter() - start,
         }
     epochs, epoch_time = trainer.current_epoch, task.mean_epoch_time()
-    callback = trainer.checkpoint_callback
-    path = None
-    if callback is not None:
-        path = callback.best_model_path if cfg.test_ckpt == "best" else callback.last_model_path
-        path = path or callback.last_model_path or None
+    last, best = checkpoint_paths(trainer)
+    path = (best if cfg.test_ckpt == "best" else last) or last  # None: no checkpoint callback
     ckpt = load_checkpoint(path, task) if path else None
     metrics = trainer.test(task, datamodule=datamodule, ckpt_path=path, verbose=False, weights_only=True)
     return results(

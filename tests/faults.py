@@ -1,0 +1,32 @@
+"""Faults injected into test runs through Hydra overrides (``+callbacks.fault._target_=...``)."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytorch_lightning as pl
+import torch
+
+
+class KillAt(pl.Callback):
+    """``kill -9`` this process at batch ``batch`` of epoch ``epoch``: no cleanup, no saving."""
+
+    def __init__(self, epoch: int, batch: int = 1) -> None:
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class PoisonAt(pl.Callback):
+    """Set the first hidden layer's weights to NaN at batch ``batch`` of epoch ``epoch``."""
+
+    def __init__(self, epoch: int, batch: int = 1) -> None:
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            with torch.no_grad():
+                next(pl_module.parameters()).fill_(float("nan"))
