@@ -45,7 +45,6 @@ class SNNTask(pl.LightningModule):
         )
         self.epoch_times: list[float] = []
         self._epoch_start = 0.0
-        self._finite = torch.ones((), dtype=torch.bool)  # all train losses this epoch finite
 
     def forward(self, x: Tensor):
         return self.model(x)
@@ -63,10 +62,7 @@ class SNNTask(pl.LightningModule):
         return loss
 
     def training_step(self, batch, batch_idx):
-        loss = self._step(batch, "train")
-        # accumulated on the device, checked once per epoch: no host sync per step
-        self._finite = self._finite.to(loss.device) & torch.isfinite(loss.detach())
-        return loss
+        return self._step(batch, "train")
 
     def validation_step(self, batch, batch_idx):
         self._step(batch, "val")
@@ -76,12 +72,13 @@ class SNNTask(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._epoch_start = time.perf_counter()
-        self._finite = torch.ones((), dtype=torch.bool, device=self.device)
 
     def on_train_epoch_end(self) -> None:
-        # runs before the checkpoint callbacks: a bad epoch stops here and writes nothing
-        bad = self.trainer.strategy.reduce_boolean_decision(not bool(self._finite), all=False)
-        if bad:
+        # Runs before the checkpoint callbacks: a bad epoch stops here and writes nothing. The
+        # epoch's mean loss (already reduced over processes, one host sync per epoch) is
+        # non-finite if any step's loss was; every process sees the same value and stops.
+        loss = self.trainer.callback_metrics.get("train/loss")
+        if loss is not None and not bool(torch.isfinite(loss)):
             raise NonFiniteError(
                 f"non-finite training loss in epoch {self.current_epoch}; the run stops and keeps "
                 "the checkpoints of the last good epoch (try a lower task.lr)"

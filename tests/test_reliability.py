@@ -72,7 +72,7 @@ def test_best_checkpoint_tested_and_recorded(reference):
     best = load(reference / "checkpoints" / "best.ckpt")
     assert res["tested_ckpt"] == str(reference / "checkpoints" / "best.ckpt")
     assert res["tested_epoch"] == best["epoch"] + 1
-    callback = next(v for k, v in best["callbacks"].items() if k.startswith("ModelCheckpoint"))
+    callback = next(v for v in best["callbacks"].values() if v["monitor"] is not None)
     assert callback["monitor"] == "val/acc"
     assert res["selection"] == "val/acc (max)"
 
@@ -94,7 +94,7 @@ def test_paper_selection_and_test_last(tmp_path):
     res = results(out)
     assert res["tested_ckpt"].endswith("last.ckpt") and res["tested_epoch"] == 2
     best = load(out / "checkpoints" / "best.ckpt")
-    callback = next(v for k, v in best["callbacks"].items() if k.startswith("ModelCheckpoint"))
+    callback = next(v for v in best["callbacks"].values() if v["monitor"] is not None)
     assert callback["monitor"] == "train/loss" and callback["best_model_score"] is not None
 
 
@@ -126,12 +126,16 @@ def test_bad_checkpoints_are_clear_errors(reference, tmp_path):
     assert wrong.returncode == 2 and "does not fit this config" in wrong.stderr
 
 
-def test_non_finite_loss_stops_and_keeps_last_good(tmp_path):
+@pytest.mark.parametrize(
+    "which, message", [("all", "non-finite training loss in epoch 1"), ("first", "non-finite weights in")]
+)
+def test_non_finite_stops_and_keeps_last_good(tmp_path, which, message):
     out = tmp_path / "run"
-    fault = ["+callbacks.fault._target_=tests.faults.PoisonAt", "+callbacks.fault.epoch=1"]
+    fault = ["+callbacks.fault._target_=tests.faults.PoisonAt", "+callbacks.fault.epoch=1",
+             f"+callbacks.fault.which={which}"]
     proc = run([*TINY, "trainer.max_epochs=3", f"hydra.run.dir={out}", *fault], tmp_path, check=False)
     assert proc.returncode == 3 and "Traceback" not in proc.stderr
-    assert "error: non-finite training loss in epoch 1" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {message}")
     res = results(out)
     assert res["status"] == "failed" and "non-finite" in res["error"] and res["epoch"] == 1
     last = load(out / "checkpoints" / "last.ckpt")
