@@ -1,9 +1,9 @@
 """The one entry point: compose -> instantiate -> fit -> test -> results.json.
 
-    python run.py                                  # d-block SNN on the embedded dataset
-    python run.py model=standard                   # the standard recurrent SNN
-    python run.py model=dblock d=5 layers=2 dataset=shd
-    python run.py -m d=1,5 layers=1,2              # a sweep: one results.json per job
+python run.py                                  # d-block SNN on the embedded dataset
+python run.py model=standard                   # the standard recurrent SNN
+python run.py model=dblock d=5 layers=2 dataset=shd
+python run.py -m d=1,5 layers=1,2              # a sweep: one results.json per job
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ def build(cfg: DictConfig):
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.dataset, _convert_="all")
     check_data_dir(datamodule.data_dir, getattr(datamodule, "generated", False))
-    has_val = getattr(datamodule, "has_valid_file", False) or getattr(datamodule, "val_fraction", 0) > 0
+    has_val = (
+        getattr(datamodule, "has_valid_file", False) or getattr(datamodule, "val_fraction", 0) > 0
+    )
     check_selection(cfg.selection.monitor, has_val)
     task = instantiate(cfg.task, model=instantiate(cfg.model), _convert_="all")
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
@@ -117,10 +119,15 @@ def train_and_test(cfg: DictConfig, out_dir: Path) -> dict:
     datamodule, task, trainer = build(cfg)
     ckpt = load_checkpoint(cfg.ckpt_path, task) if cfg.ckpt_path is not None else None
     if not cfg.train:
-        metrics = trainer.test(task, datamodule=datamodule, ckpt_path=cfg.ckpt_path, verbose=False, weights_only=True)
+        metrics = trainer.test(
+            task, datamodule=datamodule, ckpt_path=cfg.ckpt_path, verbose=False, weights_only=True
+        )
         return results(
-            cfg, metrics[0] if metrics else {}, **tested(cfg.ckpt_path, ckpt),
-            epoch=int(ckpt["epoch"]) + 1, **{"train/epoch_time_s": task.mean_epoch_time()},
+            cfg,
+            metrics[0] if metrics else {},
+            **tested(cfg.ckpt_path, ckpt),
+            epoch=int(ckpt["epoch"]) + 1,
+            **{"train/epoch_time_s": task.mean_epoch_time()},
             wall_time_s=time.perf_counter() - start,
         )
     try:
@@ -133,17 +140,27 @@ def train_and_test(cfg: DictConfig, out_dir: Path) -> dict:
             "epoch": trainer.current_epoch,
             "last_good_ckpt": last,
             **{"train/epoch_time_s": task.mean_epoch_time()},
-            **{k: v for k, v in results(cfg, {}).items() if k not in ("status", "test/acc", "test/loss", "test/spikes_per_sample")},
+            **{
+                k: v
+                for k, v in results(cfg, {}).items()
+                if k not in ("status", "test/acc", "test/loss", "test/spikes_per_sample")
+            },
             "wall_time_s": time.perf_counter() - start,
         }
     epochs, epoch_time = trainer.current_epoch, task.mean_epoch_time()
     last, best = checkpoint_paths(trainer)
     path = (best if cfg.test_ckpt == "best" else last) or last  # None: no checkpoint callback
     ckpt = load_checkpoint(path, task) if path else None
-    metrics = trainer.test(task, datamodule=datamodule, ckpt_path=path, verbose=False, weights_only=True)
+    metrics = trainer.test(
+        task, datamodule=datamodule, ckpt_path=path, verbose=False, weights_only=True
+    )
     return results(
-        cfg, metrics[0] if metrics else {}, **tested(path, ckpt), epoch=epochs,
-        **{"train/epoch_time_s": epoch_time}, wall_time_s=time.perf_counter() - start,
+        cfg,
+        metrics[0] if metrics else {},
+        **tested(path, ckpt),
+        epoch=epochs,
+        **{"train/epoch_time_s": epoch_time},
+        wall_time_s=time.perf_counter() - start,
     )
 
 
@@ -166,18 +183,26 @@ def check_choices(argv: list[str]) -> None:
 
     groups = {p.name for p in CONF.iterdir() if p.is_dir()}
     try:
-        overrides = OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")])
+        overrides = OverridesParser.create().parse_overrides(
+            [a for a in argv if not a.startswith("-")]
+        )
     except Exception:
         return  # Hydra reports syntax errors itself
     for override in overrides:
         group = override.key_or_group
         if group not in groups or override.is_delete() or override.package is not None:
             continue
-        values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
+        values = (
+            list(override.sweep_string_iterator())
+            if override.is_sweep_override()
+            else [override.value()]
+        )
         options = sorted(p.stem for p in (CONF / group).glob("*.yaml"))
         for value in values:
             if isinstance(value, str) and value not in options and value != "null":
-                raise ConfigError(f"{group}={value} is unknown; choose one of: {', '.join(options)}")
+                raise ConfigError(
+                    f"{group}={value} is unknown; choose one of: {', '.join(options)}"
+                )
 
 
 def fail(message: str, code: int = 2) -> None:

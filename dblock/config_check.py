@@ -32,7 +32,9 @@ def check_config(cfg: Mapping) -> None:
     model = cfg.get("model") or {}
     name = model.get("model")
     if name not in MODELS:
-        raise ConfigError(f"model.model={name!r} is unknown; choose one of: {', '.join(sorted(MODELS))}")
+        raise ConfigError(
+            f"model.model={name!r} is unknown; choose one of: {', '.join(sorted(MODELS))}"
+        )
     _int_at_least("layers", model.get("n_layers"), 1)
     _int_at_least("n_hidden", model.get("n_hidden"), 1)
     t_len = (cfg.get("dataset") or {}).get("t_len")
@@ -68,8 +70,8 @@ def check_data_dir(data_dir: str | Path, generated: bool) -> None:
     if not generated:
         if not path.is_dir():
             raise ConfigError(
-                f"paths.data_dir={str(path)!r} does not exist; put the dataset files there, or point "
-                "paths.data_dir=DIR (or the environment variable DBLOCK_DATA) at them"
+                f"paths.data_dir={str(path)!r} does not exist; put the dataset files there, or "
+                "point paths.data_dir=DIR (or the environment variable DBLOCK_DATA) at them"
             )
         return
     existing = next((p for p in (path, *path.parents) if p.exists()), None)

@@ -7,7 +7,6 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
-
 import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
@@ -57,7 +56,9 @@ class SNNTask(pl.LightningModule):
         acc(out.logits.detach(), y)
         kw = dict(on_step=False, on_epoch=True, batch_size=y.shape[0], sync_dist=True)
         self.log(f"{stage}/loss", loss.detach(), prog_bar=True, **kw)
-        self.log(f"{stage}/acc", acc, prog_bar=True, **{k: v for k, v in kw.items() if k != "sync_dist"})
+        self.log(
+            f"{stage}/acc", acc, prog_bar=True, **{k: v for k, v in kw.items() if k != "sync_dist"}
+        )
         self.log(f"{stage}/spikes_per_sample", out.spikes.float().mean(), **kw)
         return loss
 
@@ -94,7 +95,11 @@ class SNNTask(pl.LightningModule):
         return sum(times) / len(times) if times else None
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        bad = [k for k, v in checkpoint["state_dict"].items() if v.is_floating_point() and not v.isfinite().all()]
+        bad = [
+            k
+            for k, v in checkpoint["state_dict"].items()
+            if v.is_floating_point() and not v.isfinite().all()
+        ]
         if bad:  # never overwrite a good checkpoint with broken weights
             raise NonFiniteError(
                 f"non-finite weights in {', '.join(bad[:3])} at epoch {self.current_epoch}; the "
@@ -113,7 +118,10 @@ class SNNTask(pl.LightningModule):
         scheduler = torch.optim.lr_scheduler.MultiStepLR(
             optimizer, milestones=list(self.hparams.milestones), gamma=self.hparams.gamma
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
+        }
 
 
 def rng_state() -> dict:
@@ -124,7 +132,13 @@ def rng_state() -> dict:
     kind, key, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": [kind, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+        "numpy": [
+            kind,
+            torch.from_numpy(key.astype(np.int64)),
+            int(pos),
+            int(has_gauss),
+            float(gauss),
+        ],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():

@@ -1,4 +1,4 @@
-"""Reliability: resume after kill -9, safe checkpoints, DDP, validation, non-finite loss, determinism."""
+"""Reliability: resume after kill -9, safe checkpoints, DDP, validation, non-finite, determinism."""
 
 from __future__ import annotations
 
@@ -90,7 +90,10 @@ def test_evaluate_checkpoint_only(reference, tmp_path):
 def test_paper_selection_and_test_last(tmp_path):
     out = tmp_path / "run"
     args = ["selection.monitor=train/loss", "selection.mode=min", "test_ckpt=last"]
-    run([*TINY, "trainer.max_epochs=2", "dataset.val_fraction=0", *args, f"hydra.run.dir={out}"], tmp_path)
+    run(
+        [*TINY, "trainer.max_epochs=2", "dataset.val_fraction=0", *args, f"hydra.run.dir={out}"],
+        tmp_path,
+    )
     res = results(out)
     assert res["tested_ckpt"].endswith("last.ckpt") and res["tested_epoch"] == 2
     best = load(out / "checkpoints" / "best.ckpt")
@@ -115,25 +118,43 @@ def test_bad_checkpoints_are_clear_errors(reference, tmp_path):
         evil: "cannot be loaded",
     }
     for path, message in cases.items():
-        proc = run([*TINY, "train=false", f"ckpt_path={path}", f"hydra.run.dir={tmp_path / 'r'}"],
-                   tmp_path, check=False)
+        proc = run(
+            [*TINY, "train=false", f"ckpt_path={path}", f"hydra.run.dir={tmp_path / 'r'}"],
+            tmp_path,
+            check=False,
+        )
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
         assert proc.stderr.strip().splitlines()[-1].startswith("error:")
     assert not marker.exists()
-    wrong = run(["dataset.n_train=256", "dataset.n_test=128", "n_hidden=32", "train=false",
-                 f"ckpt_path={reference / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={tmp_path / 'w'}"],
-                tmp_path, check=False)
+    wrong = run(
+        [
+            "dataset.n_train=256",
+            "dataset.n_test=128",
+            "n_hidden=32",
+            "train=false",
+            f"ckpt_path={reference / 'checkpoints' / 'last.ckpt'}",
+            f"hydra.run.dir={tmp_path / 'w'}",
+        ],
+        tmp_path,
+        check=False,
+    )
     assert wrong.returncode == 2 and "does not fit this config" in wrong.stderr
 
 
 @pytest.mark.parametrize(
-    "which, message", [("all", "non-finite training loss in epoch 1"), ("first", "non-finite weights in")]
+    "which, message",
+    [("all", "non-finite training loss in epoch 1"), ("first", "non-finite weights in")],
 )
 def test_non_finite_stops_and_keeps_last_good(tmp_path, which, message):
     out = tmp_path / "run"
-    fault = ["+callbacks.fault._target_=tests.faults.PoisonAt", "+callbacks.fault.epoch=1",
-             f"+callbacks.fault.which={which}"]
-    proc = run([*TINY, "trainer.max_epochs=3", f"hydra.run.dir={out}", *fault], tmp_path, check=False)
+    fault = [
+        "+callbacks.fault._target_=tests.faults.PoisonAt",
+        "+callbacks.fault.epoch=1",
+        f"+callbacks.fault.which={which}",
+    ]
+    proc = run(
+        [*TINY, "trainer.max_epochs=3", f"hydra.run.dir={out}", *fault], tmp_path, check=False
+    )
     assert proc.returncode == 3 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {message}")
     res = results(out)
@@ -153,7 +174,10 @@ def test_ddp_two_cpu_processes_match_single_process_eval(tmp_path):
     res = results(out)
     assert res["status"] == "ok" and res["epoch"] == 1
     single = tmp_path / "single"
-    run([*data, "train=false", f"ckpt_path={res['tested_ckpt']}", f"hydra.run.dir={single}"], tmp_path)
+    run(
+        [*data, "train=false", f"ckpt_path={res['tested_ckpt']}", f"hydra.run.dir={single}"],
+        tmp_path,
+    )
     assert results(single)["test/acc"] == res["test/acc"]
     assert results(single)["test/loss"] == pytest.approx(res["test/loss"], rel=1e-5)
 
@@ -196,7 +220,9 @@ def test_shard_sampler_covers_every_sample():
     for n, world in [(101, 2), (10, 3), (7, 1)]:
         evals = [list(ShardSampler(n, False, rank=r, world_size=world)) for r in range(world)]
         assert sorted(sum(evals, [])) == list(range(n))
-        trains = [ShardSampler(n, True, seed=3, rank=r, world_size=world, pad=True) for r in range(world)]
+        trains = [
+            ShardSampler(n, True, seed=3, rank=r, world_size=world, pad=True) for r in range(world)
+        ]
         for s in trains:
             s.set_epoch(4)
         shards = [list(s) for s in trains]
