@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import signal
 from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from datamodules.base import ShardSampler
-from dblock.config_check import ConfigError, check_data_dir
-from tests.test_run import run
+from dblock.config_check import ConfigError, check_config, check_data_dir
+from tests.test_run import ROOT, run
 
 TINY = ["dataset.n_train=256", "dataset.n_test=128", "dataset.batch_size=64", "n_hidden=16"]
 # 3 epochs with an lr step after the first: resume must restore the scheduler too
@@ -186,7 +189,6 @@ def test_ddp_two_cpu_processes_match_single_process_eval(tmp_path):
     "override, message",
     [
         (["d=101"], "d=101 is not allowed: d must be an integer in 1..T, and T=100"),
-        (["d=0"], "d=0 is not allowed"),
         (["layers=0"], "layers=0 is not allowed: layers must be an integer >= 1"),
         (["n_hidden=0"], "n_hidden=0 is not allowed"),
         (["dataset.batch_size=0"], "dataset.batch_size=0 is not allowed"),
@@ -194,7 +196,6 @@ def test_ddp_two_cpu_processes_match_single_process_eval(tmp_path):
         (["dataset=foo"], "dataset=foo is unknown; choose one of: bursts"),
         (["logger=foo"], "logger=foo is unknown; choose one of: csv, none, wandb"),
         (["dataset.val_fraction=0"], "selection.monitor=val/acc needs a validation split"),
-        (["selection.monitor=val/f1"], "selection.monitor='val/f1' is unknown"),
         (["paths.data_dir=FILE/data"], "cannot be created or written"),
     ],
 )
@@ -207,6 +208,41 @@ def test_bad_settings_rejected_at_start(tmp_path, override, message):
     assert proc.stderr.strip().splitlines() == [f"error: {proc.stderr.strip()[7:]}"]
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert not (out / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("d=0", "d=0 is not allowed"),
+        ("d=2.5", "d=2.5 is not allowed"),
+        ("model.model=lif", "model.model='lif' is unknown; choose one of: dblock, standard"),
+        ("trainer.max_epochs=0", "trainer.max_epochs=0 is not allowed"),
+        ("selection.monitor=val/f1", "selection.monitor='val/f1' is unknown; choose one of: "),
+        ("selection.mode=up", "selection.mode='up' is unknown; choose min or max"),
+        ("test_ckpt=first", "test_ckpt='first' is unknown; choose best or last"),
+        ("train=false", "train=false needs ckpt_path=PATH"),
+    ],
+)
+def test_check_config_names_option_and_allowed_values(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_config(composed(tmp_path, override))
+
+
+def test_default_config_is_valid(tmp_path):
+    check_config(composed(tmp_path))
+    check_config(composed(tmp_path, "model=standard", "d=500"))  # standard ignores d
+
+
+def composed(tmp_path, *overrides: str) -> dict:
+    """The config as run.py resolves it, minus the parts that need a running Hydra job."""
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"paths.data_dir={tmp_path}", *overrides])
+    OmegaConf.set_struct(cfg, False)
+    for key in ("logger", "callbacks"):
+        del cfg[key]
+    del cfg.paths["output_dir"]
+    del cfg.trainer["default_root_dir"]
+    return OmegaConf.to_container(cfg, resolve=True)
 
 
 def test_data_dir_must_exist_for_file_datasets(tmp_path):
