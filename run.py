@@ -17,6 +17,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -214,8 +215,7 @@ def fail(message: str, code: int = 2) -> None:
 def main(cfg: DictConfig) -> float | None:
     from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-    is_zero = rank_zero_only.rank == 0
-    if is_zero:
+    if rank_zero_only.rank == 0:
         print(OmegaConf.to_yaml(cfg, resolve=True))
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
@@ -230,7 +230,11 @@ def main(cfg: DictConfig) -> float | None:
         (out_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     finish_wandb()
     if summary["status"] != "ok":
-        fail(f"{summary['error']} (results.json: {out_dir}/results.json)", code=3)
+        message = f"{summary['error']} (results.json: {out_dir}/results.json)"
+        if HydraConfig.get().mode == RunMode.MULTIRUN:  # the sweep's other jobs still run
+            print(f"error: {message}", file=sys.stderr)
+            return None
+        fail(message, code=3)
     if rank_zero_only.rank == 0:
         print(one_line(summary, str(out_dir)))
     return summary["test/acc"]

@@ -269,3 +269,12 @@ def test_shard_sampler_covers_every_sample():
     assert list(a) != list(b)
     a.set_epoch(1)
     assert list(a) == list(b)
+
+
+def test_non_finite_job_does_not_stop_a_sweep(tmp_path):
+    sweep = tmp_path / "sweep"
+    fault = ["+callbacks.fault._target_=tests.faults.PoisonAt", "+callbacks.fault.epoch=0,5"]
+    proc = run(["-m", *TINY, "trainer.max_epochs=1", f"hydra.sweep.dir={sweep}", *fault], tmp_path)
+    assert "error: non-finite training loss in epoch 0" in proc.stderr
+    status = [json.loads((sweep / str(i) / "results.json").read_text())["status"] for i in (0, 1)]
+    assert status == ["failed", "ok"]
