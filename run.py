@@ -43,6 +43,17 @@ def build(cfg: DictConfig):
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    spawns = (
+        trainer.world_size > 1
+        and not trainer.strategy.cluster_environment.creates_processes_externally
+    )
+    if spawns and HydraConfig.get().mode == RunMode.MULTIRUN:
+        # Lightning would start each extra process with this command line: the whole sweep again
+        raise ConfigError(
+            "trainer=ddp inside a -m sweep needs its processes started by SLURM: use "
+            "hydra/launcher=submitit_slurm (README, Long runs and clusters), or run the jobs one "
+            "at a time without -m"
+        )
     return datamodule, task, trainer
 
 
@@ -134,20 +145,15 @@ def train_and_test(cfg: DictConfig, out_dir: Path) -> dict:
     try:
         trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
     except NonFiniteError as err:
-        last, _ = checkpoint_paths(trainer)
-        return {
-            "status": "failed",
-            "error": str(err),
-            "epoch": trainer.current_epoch,
-            "last_good_ckpt": last,
+        summary = results(
+            cfg,
+            {},
+            epoch=trainer.current_epoch,
+            last_good_ckpt=checkpoint_paths(trainer)[0],
             **{"train/epoch_time_s": task.mean_epoch_time()},
-            **{
-                k: v
-                for k, v in results(cfg, {}).items()
-                if k not in ("status", "test/acc", "test/loss", "test/spikes_per_sample")
-            },
-            "wall_time_s": time.perf_counter() - start,
-        }
+            wall_time_s=time.perf_counter() - start,
+        )
+        return {**summary, "status": "failed", "error": str(err)}
     epochs, epoch_time = trainer.current_epoch, task.mean_epoch_time()
     last, best = checkpoint_paths(trainer)
     path = (best if cfg.test_ckpt == "best" else last) or last  # None: no checkpoint callback

@@ -278,3 +278,13 @@ def test_non_finite_job_does_not_stop_a_sweep(tmp_path):
     assert "error: non-finite training loss in epoch 0" in proc.stderr
     status = [json.loads((sweep / str(i) / "results.json").read_text())["status"] for i in (0, 1)]
     assert status == ["failed", "ok"]
+
+
+def test_ddp_inside_a_local_sweep_is_refused(tmp_path):
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+    args = ["-m", *TINY, *ddp, "d=1,5", f"hydra.sweep.dir={tmp_path / 's'}"]
+    proc = run(args, tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert (
+        "error: trainer=ddp inside a -m sweep needs its processes started by SLURM" in proc.stderr
+    )
