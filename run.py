@@ -94,6 +94,7 @@ def results(cfg: DictConfig, test: dict, **extra) -> dict:
         "test/acc": test.get("test/acc"),
         "test/loss": test.get("test/loss"),
         "test/spikes_per_sample": test.get("test/spikes_per_sample"),
+        "test/samples": int(test["test/samples"]) if "test/samples" in test else None,
         **extra,
         "n_classes": cfg.dataset.n_classes,
         "model": cfg.model.model,

@@ -155,7 +155,7 @@ class EventDataModule(pl.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         store, idx = self.split_indices[split]
-        trainer = getattr(self, "_trainer", None)
+        trainer = getattr(self, "trainer", None)
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         # the seed Lightning's own samplers use (set by seed_everything); train pads shards to
         # equal length, val/test see every sample exactly once over all processes

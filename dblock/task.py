@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 STAGES = ("train", "val", "test")
@@ -24,8 +25,8 @@ class SNNTask(pl.LightningModule):
     """Trains an ``SNNClassifier`` with cross-entropy, Adam and a step learning-rate schedule.
 
     Batches are ``(x, y)`` with ``x`` (B, n_in, T) counts and ``y`` (B,) labels. Logs, per stage,
-    ``<stage>/loss``, ``<stage>/acc`` and ``<stage>/spikes_per_sample`` (hidden spikes summed
-    over hidden layers), and ``train/epoch_time_s`` and ``lr`` each epoch.
+    ``<stage>/loss``, ``<stage>/acc``, ``<stage>/spikes_per_sample`` (hidden spikes summed
+    over hidden layers) and ``<stage>/samples``, and ``train/epoch_time_s`` and ``lr`` each epoch.
     """
 
     def __init__(
@@ -42,6 +43,9 @@ class SNNTask(pl.LightningModule):
         self.acc = nn.ModuleDict(
             {f"{s}_acc": MulticlassAccuracy(num_classes=n_classes, average="micro") for s in STAGES}
         )
+        for s in STAGES:  # NaN kept: a non-finite loss must show (nan_strategy="disable")
+            self.acc[f"{s}_loss"] = MeanMetric(nan_strategy="disable")
+            self.acc[f"{s}_spikes"] = MeanMetric(nan_strategy="disable")
         self.epoch_times: list[float] = []
         self._epoch_start = 0.0
 
@@ -51,15 +55,19 @@ class SNNTask(pl.LightningModule):
     def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
         x, y = batch
         out = self.model(x)
-        loss = F.cross_entropy(out.logits, y)
-        acc = self.acc[f"{stage}_acc"]
+        losses = F.cross_entropy(out.logits, y, reduction="none")  # (B,)
+        loss = losses.mean()
+        # torchmetrics objects reduce exactly over processes, also for shards of unequal size
+        acc, mean_loss, spikes = (self.acc[f"{stage}_{m}"] for m in ("acc", "loss", "spikes"))
         acc(out.logits.detach(), y)
-        kw = dict(on_step=False, on_epoch=True, batch_size=y.shape[0], sync_dist=True)
-        self.log(f"{stage}/loss", loss.detach(), prog_bar=True, **kw)
-        self.log(
-            f"{stage}/acc", acc, prog_bar=True, **{k: v for k, v in kw.items() if k != "sync_dist"}
-        )
-        self.log(f"{stage}/spikes_per_sample", out.spikes.float().mean(), **kw)
+        mean_loss.update(losses.detach())
+        spikes.update(out.spikes.float())
+        kw = dict(on_step=False, on_epoch=True, batch_size=y.shape[0])
+        self.log(f"{stage}/loss", mean_loss, prog_bar=True, **kw)
+        self.log(f"{stage}/acc", acc, prog_bar=True, **kw)
+        self.log(f"{stage}/spikes_per_sample", spikes, **kw)
+        # samples seen, summed over processes: each test sample is counted exactly once
+        self.log(f"{stage}/samples", float(y.shape[0]), reduce_fx="sum", sync_dist=True, **kw)
         return loss
 
     def training_step(self, batch, batch_idx):

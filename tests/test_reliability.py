@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import re
 import signal
@@ -14,6 +15,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from datamodules.base import ShardSampler
+from datamodules.bursts import BurstsDataModule
 from dblock.config_check import ConfigError, check_config, check_data_dir
 from tests.test_run import ROOT, run
 
@@ -176,12 +178,20 @@ def test_ddp_two_cpu_processes_match_single_process_eval(tmp_path):
     assert proc.stdout.count("test acc") == 1  # one summary, one results.json writer
     res = results(out)
     assert res["status"] == "ok" and res["epoch"] == 1
+    assert res["test/samples"] == 101  # every test sample exactly once over both processes
+    dm = BurstsDataModule(tmp_path / "data", n_train=256, n_test=101, batch_size=32)
+    dm.prepare_data()
+    dm.setup()
+    n_train = len(dm.split_indices["train"][1])
+    steps = load(out / "checkpoints" / "last.ckpt")["global_step"]
+    assert steps == math.ceil(math.ceil(n_train / 2) / 32)  # each process trains on half
     single = tmp_path / "single"
     run(
         [*data, "train=false", f"ckpt_path={res['tested_ckpt']}", f"hydra.run.dir={single}"],
         tmp_path,
     )
     assert results(single)["test/acc"] == res["test/acc"]
+    assert results(single)["test/samples"] == 101
     assert results(single)["test/loss"] == pytest.approx(res["test/loss"], rel=1e-5)
 
 
