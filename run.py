@@ -1,9 +1,9 @@
 """The one entry point: compose -> instantiate -> fit -> test -> results.json.
 
-    python run.py                                  # d-block SNN on the embedded dataset
-    python run.py model=standard                   # the standard recurrent SNN
-    python run.py model=dblock d=5 layers=2 dataset=shd
-    python run.py -m d=1,5 layers=1,2              # a sweep: one results.json per job
+python run.py                                  # d-block SNN on the embedded dataset
+python run.py model=standard                   # the standard recurrent SNN
+python run.py model=dblock d=5 layers=2 dataset=shd
+python run.py -m d=1,5 layers=1,2              # a sweep: one results.json per job
 """
 
 from __future__ import annotations
@@ -19,10 +19,15 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from dblock.config_check import ConfigError, check_config, check_data_dir, check_selection
+from dblock.task import NonFiniteError
+
 log = logging.getLogger("dblock")
+CONF = Path(__file__).resolve().parent / "conf"
 
 
 def wandb_offline() -> bool:
@@ -47,23 +52,70 @@ def build(cfg: DictConfig):
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.dataset, _convert_="all")
+    check_data_dir(datamodule.data_dir, getattr(datamodule, "generated", False))
+    has_val = (
+        getattr(datamodule, "has_valid_file", False) or getattr(datamodule, "val_fraction", 0) > 0
+    )
+    check_selection(cfg.selection.monitor, has_val)
     task = instantiate(cfg.task, model=instantiate(cfg.model), _convert_="all")
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     for logger in loggers:  # the resolved config, e.g. as the wandb run's config
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    spawns = (
+        trainer.world_size > 1
+        and not trainer.strategy.cluster_environment.creates_processes_externally
+    )
+    if spawns and HydraConfig.get().mode == RunMode.MULTIRUN:
+        # Lightning would start each extra process with this command line: the whole sweep again
+        raise ConfigError(
+            "trainer=ddp inside a -m sweep needs its processes started by SLURM: use "
+            "hydra/launcher=submitit_slurm (README, Long runs and clusters), or run the jobs one "
+            "at a time without -m"
+        )
     return datamodule, task, trainer
 
 
-def results(cfg: DictConfig, task, trainer, test: dict, wall_s: float) -> dict:
+def load_checkpoint(path: str, task) -> dict:
+    """Load ``path`` safely (tensors and plain types only) and check it fits ``task``."""
+    import torch
+
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"ckpt_path={path} does not exist; give the path of a .ckpt file")
+    try:
+        ckpt = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for truncated or foreign files
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            f"ckpt_path={path} cannot be loaded as a checkpoint (corrupt, truncated or not a "
+            f"dblock checkpoint: {first[:200]})"
+        ) from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ConfigError(f"ckpt_path={path} is not a dblock checkpoint (no state_dict)")
+    want = {k: tuple(v.shape) for k, v in task.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in ckpt["state_dict"].items()}
+    if want != got:
+        diff = sorted(set(want) ^ set(got)) or [k for k in want if want[k] != got[k]]
+        k = diff[0]
+        raise ConfigError(
+            f"ckpt_path={path} does not fit this config (model, d, layers, n_hidden, recurrent, "
+            f"dataset must match the run that wrote it): {k} is {got.get(k)} in the checkpoint, "
+            f"{want.get(k)} here"
+        )
+    return ckpt
+
+
+def results(cfg: DictConfig, test: dict, **extra) -> dict:
     """The run's summary as written to results.json."""
     return {
+        "status": "ok",
         "test/acc": test.get("test/acc"),
         "test/loss": test.get("test/loss"),
         "test/spikes_per_sample": test.get("test/spikes_per_sample"),
-        "train/epoch_time_s": task.mean_epoch_time(),
-        "epoch": trainer.current_epoch,
+        "test/samples": int(test["test/samples"]) if "test/samples" in test else None,
+        **extra,
         "n_classes": cfg.dataset.n_classes,
         "model": cfg.model.model,
         "d": cfg.d if cfg.model.model == "dblock" else None,
@@ -73,28 +125,71 @@ def results(cfg: DictConfig, task, trainer, test: dict, wall_s: float) -> dict:
         "detach_recurrent": cfg.detach_recurrent,
         "dataset": HydraConfig.get().runtime.choices.get("dataset"),
         "seed": cfg.seed,
-        "wall_time_s": wall_s,
+        "selection": f"{cfg.selection.monitor} ({cfg.selection.mode})",
     }
 
 
-def train_and_test(cfg: DictConfig) -> dict:
+def tested(path: str | None, ckpt: dict | None) -> dict:
+    """Which weights were tested: the checkpoint and the training epochs it had completed."""
+    if path is None:
+        return {"tested_ckpt": None, "tested_epoch": None}
+    return {"tested_ckpt": str(path), "tested_epoch": int(ckpt["epoch"]) + 1 if ckpt else None}
+
+
+def checkpoint_paths(trainer) -> tuple[str | None, str | None]:
+    """(last, best): the newest checkpoint and the best by the selection metric, if written."""
+    last = best = None
+    for callback in trainer.checkpoint_callbacks:
+        if callback.monitor is None:
+            last = callback.best_model_path or last  # top-1 without a monitor: the newest
+        else:
+            best = callback.best_model_path or best
+    return last, best
+
+
+def train_and_test(cfg: DictConfig, out_dir: Path) -> dict:
     start = time.perf_counter()
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
     datamodule, task, trainer = build(cfg)
-    if cfg.train:
-        trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-        metrics = trainer.test(task, datamodule=datamodule, verbose=False)
-    else:
-        if cfg.ckpt_path is None:
-            raise ValueError("train=false needs ckpt_path=PATH: the checkpoint to evaluate")
-        metrics = trainer.test(task, datamodule=datamodule, ckpt_path=cfg.ckpt_path, verbose=False)
-    summary = results(cfg, task, trainer, metrics[0] if metrics else {}, time.perf_counter() - start)
-    if trainer.is_global_zero:
-        (out_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-    for logger in trainer.loggers:  # one wandb run per job, also inside a multirun
-        if hasattr(logger, "experiment") and type(logger).__name__ == "WandbLogger":
-            logger.experiment.finish()
-    return summary
+    ckpt = load_checkpoint(cfg.ckpt_path, task) if cfg.ckpt_path is not None else None
+    if not cfg.train:
+        metrics = trainer.test(
+            task, datamodule=datamodule, ckpt_path=cfg.ckpt_path, verbose=False, weights_only=True
+        )
+        return results(
+            cfg,
+            metrics[0] if metrics else {},
+            **tested(cfg.ckpt_path, ckpt),
+            epoch=int(ckpt["epoch"]) + 1,
+            **{"train/epoch_time_s": task.mean_epoch_time()},
+            wall_time_s=time.perf_counter() - start,
+        )
+    try:
+        trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+    except NonFiniteError as err:
+        summary = results(
+            cfg,
+            {},
+            epoch=trainer.current_epoch,
+            last_good_ckpt=checkpoint_paths(trainer)[0],
+            **{"train/epoch_time_s": task.mean_epoch_time()},
+            wall_time_s=time.perf_counter() - start,
+        )
+        return {**summary, "status": "failed", "error": str(err)}
+    epochs, epoch_time = trainer.current_epoch, task.mean_epoch_time()
+    last, best = checkpoint_paths(trainer)
+    path = (best if cfg.test_ckpt == "best" else last) or last  # None: no checkpoint callback
+    ckpt = load_checkpoint(path, task) if path else None
+    metrics = trainer.test(
+        task, datamodule=datamodule, ckpt_path=path, verbose=False, weights_only=True
+    )
+    return results(
+        cfg,
+        metrics[0] if metrics else {},
+        **tested(path, ckpt),
+        epoch=epochs,
+        **{"train/epoch_time_s": epoch_time},
+        wall_time_s=time.perf_counter() - start,
+    )
 
 
 def one_line(summary: dict, out_dir: str) -> str:
@@ -110,21 +205,78 @@ def one_line(summary: dict, out_dir: str) -> str:
     )
 
 
+def check_choices(argv: list[str]) -> None:
+    """Unknown config-group options (``model=foo``) as one line, before Hydra composes."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    groups = {p.name for p in CONF.iterdir() if p.is_dir()}
+    try:
+        overrides = OverridesParser.create().parse_overrides(
+            [a for a in argv if not a.startswith("-")]
+        )
+    except Exception:
+        return  # Hydra reports syntax errors itself
+    for override in overrides:
+        group = override.key_or_group
+        if group not in groups or override.is_delete() or override.package is not None:
+            continue
+        values = (
+            list(override.sweep_string_iterator())
+            if override.is_sweep_override()
+            else [override.value()]
+        )
+        options = sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+        for value in values:
+            if isinstance(value, str) and value not in options and value != "null":
+                raise ConfigError(
+                    f"{group}={value} is unknown; choose one of: {', '.join(options)}"
+                )
+
+
+def fail(message: str, code: int = 2) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    print(OmegaConf.to_yaml(cfg, resolve=True))
-    out_dir = HydraConfig.get().runtime.output_dir
+    from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+    if rank_zero_only.rank == 0:
+        print(OmegaConf.to_yaml(cfg, resolve=True))
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        summary = train_and_test(cfg)
+        check_config(OmegaConf.to_container(cfg, resolve=True))
+        summary = train_and_test(cfg, out_dir)
     except (ValueError, InstantiationException, FileNotFoundError) as err:
         cause = err
         while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
             cause = cause.__cause__
-        print(f"error: {cause}", file=sys.stderr)
-        sys.exit(2)
-    print(one_line(summary, out_dir))
+        fail(str(cause))
+    if rank_zero_only.rank == 0:  # one results.json per run, also under DDP
+        (out_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    finish_wandb()
+    if summary["status"] != "ok":
+        message = f"{summary['error']} (results.json: {out_dir}/results.json)"
+        if HydraConfig.get().mode == RunMode.MULTIRUN:  # the sweep's other jobs still run
+            print(f"error: {message}", file=sys.stderr)
+            return None
+        fail(message, code=3)
+    if rank_zero_only.rank == 0:
+        print(one_line(summary, str(out_dir)))
     return summary["test/acc"]
 
 
+def finish_wandb() -> None:
+    """Close the wandb run, if any: one wandb run per job, also inside a multirun."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
+
+
 if __name__ == "__main__":
+    try:
+        check_choices(sys.argv[1:])
+    except ConfigError as err:
+        fail(str(err))
     main()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+import os
 from functools import partial
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from datamodules.cache import cached_store
 from datamodules.events import EventStore
@@ -35,6 +36,50 @@ class IndexDataset(Dataset):
 
     def __getitem__(self, i: int) -> int:
         return int(self.indices[i])
+
+
+class ShardSampler(Sampler[int]):
+    """Positions ``0..n-1`` for one process: seeded per epoch, resumable, DDP-sharded.
+
+    ``shuffle``: a permutation drawn from ``seed + epoch`` (Lightning calls ``set_epoch`` each
+    epoch, also after a resume), so the order of epoch k never depends on what ran before.
+    Shards are ``order[rank::world_size]``. ``pad``: repeat the first items so every process gets
+    the same count (training needs equal step counts); without it each sample is seen exactly
+    once over all processes (evaluation).
+    """
+
+    def __init__(
+        self,
+        n: int,
+        shuffle: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        pad: bool = False,
+    ) -> None:
+        self.n, self.shuffle, self.seed = n, shuffle, seed
+        self.rank, self.world_size, self.pad = rank, world_size, pad
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.n))
+        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        return torch.randperm(self.n, generator=gen).tolist()
+
+    def __iter__(self):
+        order = self._order()
+        if self.pad and self.n and self.n % self.world_size:
+            extra = self.world_size - self.n % self.world_size
+            order += (order * (extra // self.n + 1))[:extra]
+        return iter(order[self.rank :: self.world_size])
+
+    def __len__(self) -> int:
+        total = -(-self.n // self.world_size) * self.world_size if self.pad else self.n
+        return len(range(self.rank, total, self.world_size))
 
 
 def collate_indices(items: list[int], store: str) -> dict:
@@ -72,6 +117,7 @@ class EventDataModule(pl.LightningDataModule):
 
     name = "events"
     has_valid_file = False
+    generated = False  # True: prepare_data writes the files, data_dir need only be writable
 
     def __init__(
         self,
@@ -156,10 +202,16 @@ class EventDataModule(pl.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         store, idx = self.split_indices[split]
+        trainer = getattr(self, "trainer", None)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        # the seed Lightning's own samplers use (set by seed_everything); train pads shards to
+        # equal length, val/test see every sample exactly once over all processes
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        sampler = ShardSampler(len(idx), shuffle, seed, rank, world, pad=split == "train")
         return DataLoader(
             IndexDataset(idx),
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             collate_fn=partial(collate_indices, store=store),
         )
 

@@ -69,6 +69,7 @@ class BurstsDataModule(EventDataModule):
     """The generated burst-order dataset in SHD layout: ``BURSTS/bursts_{train,test}.h5``."""
 
     name = "bursts"
+    generated = True
 
     def __init__(
         self,

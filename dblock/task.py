@@ -3,25 +3,32 @@
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Sequence
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 STAGES = ("train", "val", "test")
 log = logging.getLogger(__name__)
 
 
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss or non-finite weights; the run must stop."""
+
+
 class SNNTask(pl.LightningModule):
     """Trains an ``SNNClassifier`` with cross-entropy, Adam and a step learning-rate schedule.
 
     Batches are ``(x, y)`` with ``x`` (B, n_in, T) counts and ``y`` (B,) labels. Logs, per stage,
-    ``<stage>/loss``, ``<stage>/acc`` and ``<stage>/spikes_per_sample`` (hidden spikes summed
-    over hidden layers), and ``train/epoch_time_s`` and ``lr`` each epoch.
+    ``<stage>/loss``, ``<stage>/acc``, ``<stage>/spikes_per_sample`` (hidden spikes summed
+    over hidden layers) and ``<stage>/samples``, and ``train/epoch_time_s`` and ``lr`` each epoch.
     """
 
     def __init__(
@@ -38,6 +45,9 @@ class SNNTask(pl.LightningModule):
         self.acc = nn.ModuleDict(
             {f"{s}_acc": MulticlassAccuracy(num_classes=n_classes, average="micro") for s in STAGES}
         )
+        for s in STAGES:  # NaN kept: a non-finite loss must show (nan_strategy="disable")
+            self.acc[f"{s}_loss"] = MeanMetric(nan_strategy="disable")
+            self.acc[f"{s}_spikes"] = MeanMetric(nan_strategy="disable")
         self.epoch_times: list[float] = []
         self._epoch_start = 0.0
 
@@ -47,13 +57,19 @@ class SNNTask(pl.LightningModule):
     def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
         x, y = batch
         out = self.model(x)
-        loss = F.cross_entropy(out.logits, y)
-        acc = self.acc[f"{stage}_acc"]
+        losses = F.cross_entropy(out.logits, y, reduction="none")  # (B,)
+        loss = losses.mean()
+        # torchmetrics objects reduce exactly over processes, also for shards of unequal size
+        acc, mean_loss, spikes = (self.acc[f"{stage}_{m}"] for m in ("acc", "loss", "spikes"))
         acc(out.logits.detach(), y)
-        kw = dict(on_step=False, on_epoch=True, batch_size=y.shape[0], sync_dist=True)
-        self.log(f"{stage}/loss", loss.detach(), prog_bar=True, **kw)
-        self.log(f"{stage}/acc", acc, prog_bar=True, **{k: v for k, v in kw.items() if k != "sync_dist"})
-        self.log(f"{stage}/spikes_per_sample", out.spikes.float().mean(), **kw)
+        mean_loss.update(losses.detach())
+        spikes.update(out.spikes.float())
+        kw = dict(on_step=False, on_epoch=True, batch_size=y.shape[0])
+        self.log(f"{stage}/loss", mean_loss, prog_bar=True, **kw)
+        self.log(f"{stage}/acc", acc, prog_bar=True, **kw)
+        self.log(f"{stage}/spikes_per_sample", spikes, **kw)
+        # samples seen, summed over processes: each test sample is counted exactly once
+        self.log(f"{stage}/samples", float(y.shape[0]), reduce_fx="sum", sync_dist=True, **kw)
         return loss
 
     def training_step(self, batch, batch_idx):
@@ -69,6 +85,15 @@ class SNNTask(pl.LightningModule):
         self._epoch_start = time.perf_counter()
 
     def on_train_epoch_end(self) -> None:
+        # Runs before the checkpoint callbacks: a bad epoch stops here and writes nothing. The
+        # epoch's mean loss (already reduced over processes, one host sync per epoch) is
+        # non-finite if any step's loss was; every process sees the same value and stops.
+        loss = self.trainer.callback_metrics.get("train/loss")
+        if loss is not None and not bool(torch.isfinite(loss)):
+            raise NonFiniteError(
+                f"non-finite training loss in epoch {self.current_epoch}; the run stops and keeps "
+                "the checkpoints of the last good epoch (try a lower task.lr)"
+            )
         elapsed = time.perf_counter() - self._epoch_start
         self.epoch_times.append(elapsed)
         self.log("train/epoch_time_s", elapsed, sync_dist=True)
@@ -80,17 +105,33 @@ class SNNTask(pl.LightningModule):
         return sum(times) / len(times) if times else None
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        bad = [
+            k
+            for k, v in checkpoint["state_dict"].items()
+            if v.is_floating_point() and not v.isfinite().all()
+        ]
+        if bad:  # never overwrite a good checkpoint with broken weights
+            raise NonFiniteError(
+                f"non-finite weights in {', '.join(bad[:3])} at epoch {self.current_epoch}; the "
+                "run stops and keeps the checkpoints of the last good epoch (try a lower task.lr)"
+            )
         checkpoint["epoch_times"] = list(self.epoch_times)
+        checkpoint["rng"] = rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.epoch_times = list(checkpoint.get("epoch_times", []))
+        if "rng" in checkpoint:
+            set_rng_state(checkpoint["rng"])
 
     def configure_optimizers(self):
         optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
         scheduler = torch.optim.lr_scheduler.MultiStepLR(
             optimizer, milestones=list(self.hparams.milestones), gamma=self.hparams.gamma
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
+        }
 
 
 class PaperRecipe(pl.callbacks.ModelCheckpoint):
@@ -156,3 +197,37 @@ class PaperRecipe(pl.callbacks.ModelCheckpoint):
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         self.applied = list(state_dict.get("milestones_applied", []))
+
+
+def rng_state() -> dict:
+    """Python, NumPy, torch (and CUDA) generator states as tensors and plain types.
+
+    Plain types only, so checkpoints load with ``torch.load(weights_only=True)``.
+    """
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [
+            kind,
+            torch.from_numpy(key.astype(np.int64)),
+            int(pos),
+            int(has_gauss),
+            float(gauss),
+        ],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what ``rng_state`` saved."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        for i, s in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s.cpu(), i)
