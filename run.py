@@ -52,11 +52,10 @@ def build(cfg: DictConfig):
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.dataset, _convert_="all")
-    check_data_dir(datamodule.data_dir, getattr(datamodule, "generated", False))
-    has_val = (
-        getattr(datamodule, "has_valid_file", False) or getattr(datamodule, "val_fraction", 0) > 0
-    )
-    check_selection(cfg.selection.monitor, has_val)
+    # generated data, or files that will be downloaded, need only a writable data_dir
+    creates = getattr(datamodule, "generated", False) or getattr(datamodule, "download", False)
+    check_data_dir(datamodule.data_dir, creates)
+    check_selection(cfg.selection.monitor, datamodule.has_val)
     task = instantiate(cfg.task, model=instantiate(cfg.model), _convert_="all")
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     for logger in loggers:  # the resolved config, e.g. as the wandb run's config
@@ -177,6 +176,14 @@ def train_and_test(cfg: DictConfig, out_dir: Path) -> dict:
         return {**summary, "status": "failed", "error": str(err)}
     epochs, epoch_time = trainer.current_epoch, task.mean_epoch_time()
     last, best = checkpoint_paths(trainer)
+    score = next(
+        (
+            float(c.best_model_score)
+            for c in trainer.checkpoint_callbacks
+            if c.monitor == cfg.selection.monitor and c.best_model_score is not None
+        ),
+        None,
+    )
     path = (best if cfg.test_ckpt == "best" else last) or last  # None: no checkpoint callback
     ckpt = load_checkpoint(path, task) if path else None
     metrics = trainer.test(
@@ -186,6 +193,7 @@ def train_and_test(cfg: DictConfig, out_dir: Path) -> dict:
         cfg,
         metrics[0] if metrics else {},
         **tested(path, ckpt),
+        selection_score=score,
         epoch=epochs,
         **{"train/epoch_time_s": epoch_time},
         wall_time_s=time.perf_counter() - start,
@@ -264,7 +272,7 @@ def main(cfg: DictConfig) -> float | None:
         fail(message, code=3)
     if rank_zero_only.rank == 0:
         print(one_line(summary, str(out_dir)))
-    return summary["test/acc"]
+    return summary.get(cfg.objective)  # what a sweeper such as Optuna optimises
 
 
 def finish_wandb() -> None:

@@ -146,6 +146,11 @@ class EventDataModule(pl.LightningDataModule):
         self.split_indices: dict[str, tuple[str, np.ndarray]] = {}
         self._on_device: dict[tuple[str, str], EventStore] = {}
 
+    @property
+    def has_val(self) -> bool:
+        """Whether there is a validation split (``val_fraction > 0``: a valid file or a hold-out)."""
+        return self.val_fraction > 0
+
     def load_split(self, split: str) -> EventStore:  # pragma: no cover - abstract
         raise NotImplementedError
 

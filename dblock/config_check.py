@@ -65,7 +65,8 @@ def check_config(cfg: Mapping) -> None:
 
 
 def check_data_dir(data_dir: str | Path, generated: bool) -> None:
-    """A dataset read from files needs an existing ``data_dir``; a generated one a writable one."""
+    """A dataset read from files needs an existing ``data_dir``; one that writes its own files
+    (``generated``: made on the spot, or downloaded) needs a writable one."""
     path = Path(data_dir)
     if not generated:
         if not path.is_dir():

@@ -145,6 +145,7 @@ def test_run_py_missing_data_is_a_clear_error(tmp_path):
     import subprocess
     import sys
 
+    (tmp_path / "d").mkdir()  # exists, but holds no files (a missing folder: test_reliability)
     proc = subprocess.run(
         [sys.executable, str(ROOT / "run.py"), "dataset=shd", f"paths.data_dir={tmp_path / 'd'}",
          "dataset.download=false", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"],
