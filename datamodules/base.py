@@ -8,8 +8,8 @@ scatter-add from the store held on the model's device.
 from __future__ import annotations
 
 import logging
-import warnings
 import os
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -86,7 +86,9 @@ def collate_indices(items: list[int], store: str) -> dict:
     return {"store": store, "idx": torch.tensor(items, dtype=torch.long)}
 
 
-def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(
+    labels: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Hold out ``fraction`` of each class (seeded; at least one sample of every class with two
     or more when ``fraction > 0``); returns (train_idx, val_idx)."""
     if not 0.0 <= fraction < 1.0:
@@ -148,7 +150,7 @@ class EventDataModule(pl.LightningDataModule):
 
     @property
     def has_val(self) -> bool:
-        """Whether there is a validation split (``val_fraction > 0``: a valid file or a hold-out)."""
+        """Whether there is a validation split: ``val_fraction > 0`` (valid file or hold-out)."""
         return self.val_fraction > 0
 
     def load_split(self, split: str) -> EventStore:  # pragma: no cover - abstract
@@ -179,7 +181,9 @@ class EventDataModule(pl.LightningDataModule):
         if use_valid:
             train_idx, val = np.arange(len(train)), ("valid", np.arange(len(self.stores["valid"])))
         else:
-            train_idx, val_idx = stratified_split(train.labels.numpy(), self.val_fraction, self.split_seed)
+            train_idx, val_idx = stratified_split(
+                train.labels.numpy(), self.val_fraction, self.split_seed
+            )
             val = ("train", val_idx)
         self.split_indices = {
             "train": ("train", train_idx),

@@ -93,7 +93,11 @@ class BurstsDataModule(EventDataModule):
         return self.data_dir / "BURSTS" / f"bursts_{split}.h5"
 
     def _params(self, split: str) -> str:
-        spec = {"n": self.sizes[split], "seed": self.data_seed + (split == "test"), "n_in": self.n_in}
+        spec = {
+            "n": self.sizes[split],
+            "seed": self.data_seed + (split == "test"),
+            "n_in": self.n_in,
+        }
         return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
     def prepare_data(self) -> None:

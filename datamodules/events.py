@@ -90,9 +90,7 @@ class EventStore:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def bin_events(
-    times: np.ndarray, dt_ms: float, t_len: int
-) -> tuple[np.ndarray, np.ndarray]:
+def bin_events(times: np.ndarray, dt_ms: float, t_len: int) -> tuple[np.ndarray, np.ndarray]:
     """SPEC §6 binning of times in seconds: ``round(t * 1000 / dt)``; returns (bins, keep).
 
     Times are converted to float64 first, so float16 files (as SHD stores them) cannot overflow.
@@ -229,8 +227,10 @@ def build_store(
     counts = np.fromiter((len(t) for t in times), dtype=np.int64, count=len(times))
     unit_counts = np.fromiter((len(u) for u in units), dtype=np.int64, count=len(units))
     if len(units) != len(times) or not np.array_equal(counts, unit_counts):
-        i = int(np.flatnonzero(counts != unit_counts)[0]) if len(units) == len(times) else min(
-            len(units), len(times)
+        i = (
+            int(np.flatnonzero(counts != unit_counts)[0])
+            if len(units) == len(times)
+            else min(len(units), len(times))
         )
         raise DataError(
             f"{source}: sample {i} has a different number of times and units; the file is "
@@ -295,7 +295,7 @@ def write_h5(
         spikes = f.create_group("spikes")
         t_ds = spikes.create_dataset("times", (len(times),), dtype=h5py.vlen_dtype(np.float16))
         u_ds = spikes.create_dataset("units", (len(units),), dtype=h5py.vlen_dtype(np.uint16))
-        for i, (t, u) in enumerate(zip(times, units)):
+        for i, (t, u) in enumerate(zip(times, units, strict=True)):
             t_ds[i] = np.asarray(t, dtype=np.float16)
             u_ds[i] = np.asarray(u, dtype=np.uint16)
         f.create_dataset("labels", data=np.asarray(labels, dtype=np.uint16))

@@ -41,7 +41,7 @@ def test_h5_layout_is_shd(tmp_path):
 def test_bursts_is_deterministic(tmp_path):
     a = generate(16, seed=3)
     b = generate(16, seed=3)
-    assert all(np.array_equal(x, y) for x, y in zip(a[0], b[0]))
+    assert all(np.array_equal(x, y) for x, y in zip(a[0], b[0], strict=True))
     assert np.array_equal(a[2], b[2])
 
 
@@ -51,7 +51,11 @@ def test_bursts_classes_share_channel_counts():
     counts = np.stack([np.bincount(u, minlength=64) for u in units]).astype(float)
     a, b = counts[labels == 0].mean(0), counts[labels == 1].mean(0)
     assert np.abs(a - b).max() < 0.5
-    first = [np.median(t[u < 8]) < np.median(t[(u >= 8) & (u < 16)]) for t, u, y in zip(times, units, labels) if y == 0]
+    first = [
+        np.median(t[u < 8]) < np.median(t[(u >= 8) & (u < 16)])
+        for t, u, y in zip(times, units, labels, strict=True)
+        if y == 0
+    ]
     assert np.mean(first) > 0.95
 
 

@@ -35,7 +35,7 @@ def grads(fn, inputs, seed=1):
     probe = torch.randn(out.shape, generator=g, dtype=out.dtype)
     got = torch.autograd.grad((out * probe).sum(), inputs, allow_unused=True)
     # an input that cannot matter (beta when every block has length 1) has zero gradient
-    return out, [torch.zeros_like(x) if g is None else g for g, x in zip(got, inputs)]
+    return out, [torch.zeros_like(x) if g is None else g for g, x in zip(got, inputs, strict=True)]
 
 
 @pytest.mark.parametrize("b,n,t,d", SHAPES)
@@ -51,7 +51,7 @@ def test_dblock_matches_reference(b, n, t, d, mode):
     assert fast.shape == (b, n, t)
     assert torch.equal(fast, ref)
     assert set(fast.unique().tolist()) <= {0.0, 1.0}
-    for got, want in zip(fast_g, ref_g):
+    for got, want in zip(fast_g, ref_g, strict=True):
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
@@ -133,7 +133,7 @@ def test_lif_matches_reference(b, n, t, d, recurrent):
     fast, fast_g = grads(lambda: F.lif_neurons(current, beta, **kw), inputs)
     ref, ref_g = grads(lambda: R.lif_neurons(current, beta, **kw), inputs)
     assert torch.equal(fast, ref)
-    for got, want in zip(fast_g, ref_g):
+    for got, want in zip(fast_g, ref_g, strict=True):
         torch.testing.assert_close(got, want)
 
 
@@ -151,7 +151,7 @@ def test_readout_matches_reference(d, reduce):
     fast, fast_g = grads(lambda: F.leaky_readout(current, beta, d, reduce), [current, beta])
     ref, ref_g = grads(lambda: R.leaky_readout(current, beta, d, reduce), [current, beta])
     torch.testing.assert_close(fast, ref)
-    for got, want in zip(fast_g, ref_g):
+    for got, want in zip(fast_g, ref_g, strict=True):
         torch.testing.assert_close(got, want)
 
 
@@ -159,7 +159,9 @@ def test_readout_restarts_at_blocks():
     current = torch.zeros(1, 1, 6, dtype=torch.float64)
     current[0, 0, 0] = 1.0
     beta = torch.tensor([0.5], dtype=torch.float64)
-    assert F.leaky_readout(current, beta, None).item() == pytest.approx(1 + 0.5 + 0.25 + 0.125 + 0.0625 + 0.03125)
+    assert F.leaky_readout(current, beta, None).item() == pytest.approx(
+        1 + 0.5 + 0.25 + 0.125 + 0.0625 + 0.03125
+    )
     assert F.leaky_readout(current, beta, 2).item() == pytest.approx(1 + 0.5 + 0.25)
 
 

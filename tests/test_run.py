@@ -33,7 +33,9 @@ def run(args, tmp_path, check=True):
 
 def test_default_config_composes_and_instantiates(tmp_path):
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["paths.data_dir=" + str(tmp_path)], return_hydra_config=True)
+        cfg = compose(
+            "config", overrides=["paths.data_dir=" + str(tmp_path)], return_hydra_config=True
+        )
     assert cfg.model.d == cfg.d and cfg.model.n_in == cfg.dataset.n_in
     net = instantiate(cfg.model)
     assert net.readout.d == cfg.d
@@ -44,8 +46,20 @@ def test_run_writes_results(tmp_path, model):
     out = tmp_path / "run"
     proc = run([f"model={model}", "trainer.max_epochs=2", f"hydra.run.dir={out}", *TINY], tmp_path)
     res = json.loads((out / "results.json").read_text())
-    for key in ("test/acc", "test/loss", "n_classes", "epoch", "train/epoch_time_s",
-                "test/spikes_per_sample", "model", "d", "layers", "recurrent", "dataset", "seed"):
+    for key in (
+        "test/acc",
+        "test/loss",
+        "n_classes",
+        "epoch",
+        "train/epoch_time_s",
+        "test/spikes_per_sample",
+        "model",
+        "d",
+        "layers",
+        "recurrent",
+        "dataset",
+        "seed",
+    ):
         assert key in res, key
     assert res["epoch"] == 2 and res["model"] == model and res["dataset"] == "bursts"
     assert 0.0 <= res["test/acc"] <= 1.0 and res["test/spikes_per_sample"] > 0
@@ -63,7 +77,10 @@ def test_resume_from_checkpoint(tmp_path):
 
 def test_multirun_sweep(tmp_path):
     sweep = tmp_path / "sweep"
-    run(["-m", "d=1,5", "layers=1,2", "trainer.max_epochs=1", f"hydra.sweep.dir={sweep}", *TINY], tmp_path)
+    run(
+        ["-m", "d=1,5", "layers=1,2", "trainer.max_epochs=1", f"hydra.sweep.dir={sweep}", *TINY],
+        tmp_path,
+    )
     found = sorted(sweep.glob("*/results.json"))
     assert len(found) == 4
     got = {(r["d"], r["layers"]) for r in (json.loads(p.read_text()) for p in found)}
@@ -78,7 +95,11 @@ def test_wandb_offline(tmp_path):
 
 
 def test_bad_d_is_a_clear_error(tmp_path):
-    proc = run(["d=500", "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'r'}", *TINY], tmp_path, check=False)
+    proc = run(
+        ["d=500", "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'r'}", *TINY],
+        tmp_path,
+        check=False,
+    )
     assert proc.returncode != 0
     assert "d=500" in proc.stderr and "T=100" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -63,6 +63,7 @@ def lif_neurons(
 ) -> Tensor:
     """SPEC §2 one step at a time. (B, N, T) -> (B, N, T)."""
     spikes = []
+    v = s = None  # membrane and spikes of the previous step
     for t in range(current.shape[-1]):
         if t == 0:
             v = current[:, :, 0]
@@ -89,6 +90,7 @@ def leaky_readout(
             starts.add(start)
             start += length
     trace = []
+    u = None
     for t in range(t_len):
         u = current[:, :, t] if t in starts else beta * u + current[:, :, t]
         trace.append(u)

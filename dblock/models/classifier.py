@@ -61,7 +61,7 @@ class SNNClassifier(nn.Module):
                 t_len=t_len,
                 scale=scale,
             )
-            for a, b in zip(sizes[:-1], sizes[1:])
+            for a, b in zip(sizes[:-1], sizes[1:], strict=True)
         )
         self.readout = LeakyReadout(n_hidden, n_classes, d if model == "dblock" else None, reduce)
 
