@@ -14,25 +14,6 @@ from dblock.functional.block_kernel import dblock_kernel
 from dblock.functional.blocks import block_lengths
 
 
-def decay_powers(beta: Tensor, length: int) -> Tensor:
-    """``beta ** k`` for ``k = 0 .. length-1``, shape (length, N); safe at ``beta = 0``."""
-    ones = torch.ones_like(beta).unsqueeze(0)
-    if length == 1:
-        return ones
-    return torch.cat([ones, torch.cumprod(beta.expand(length - 1, -1), dim=0)])
-
-
-def first_spike(candidates: Tensor, dim: int) -> Tensor:
-    """Keep the first candidate spike along ``dim`` with the straight-through rule (SPEC §3.4-5).
-
-    ``z = cumsum(cumsum(C))``; the output is ``z - sg(z * [z != 1])``: 1 at the first
-    crossing only, with gradient identity in ``z``. (The fast kernel implements the same rule
-    with a hand-written backward; this autograd form documents it.)
-    """
-    z = candidates.cumsum(dim).cumsum(dim)
-    return z - (z * (z != 1)).detach()
-
-
 def _attached(
     current: Tensor,
     beta: Tensor,

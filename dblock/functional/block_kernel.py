@@ -41,12 +41,12 @@ def _blocks(x: Tensor, start: int, n_blocks: int, length: int) -> Tensor:
     return x[start : start + n_blocks * length].unflatten(0, (n_blocks, length))
 
 
-def _powers(beta: Tensor, length: int) -> Tensor:
-    """``beta ** tau`` for ``tau = 0 .. length-1`` as (L, 1, N); safe at ``beta = 0``."""
+def decay_powers(beta: Tensor, length: int) -> Tensor:
+    """``beta ** k`` for ``k = 0 .. length-1``, shape (length, N); safe at ``beta = 0``."""
     ones = torch.ones_like(beta).unsqueeze(0)
-    if length > 1:
-        ones = torch.cat([ones, torch.cumprod(beta.expand(length - 1, -1), dim=0)])
-    return ones.unsqueeze(1)
+    if length == 1:
+        return ones
+    return torch.cat([ones, torch.cumprod(beta.expand(length - 1, -1), dim=0)])
 
 
 def _membrane(j: Tensor, u: Tensor, beta: Tensor) -> None:
@@ -156,7 +156,7 @@ def _recurrent_forward(
         u_block = u[start : start + length]
         if recurrent is not None:
             if length not in powers:
-                powers[length] = _powers(beta, length)
+                powers[length] = decay_powers(beta, length).unsqueeze(1)  # (L, 1, N)
             u_block.addcmul_(powers[length], recurrent)
         fired.append(u_block.amax(0) > 1.0)
         spikes = fired[-1].to(u.dtype)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dblock.functional.block import decay_powers
+from dblock.functional.block_kernel import decay_powers
 from dblock.functional.blocks import block_lengths
 
 REDUCTIONS = ("sum", "max")
