@@ -57,10 +57,11 @@ def build(cfg: DictConfig):
     check_data_dir(datamodule.data_dir, creates)
     check_selection(cfg.selection.monitor, datamodule.has_val)
     task = instantiate(cfg.task, model=instantiate(cfg.model), _convert_="all")
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    # an entry set to null (e.g. callbacks.best=null) is switched off
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     for logger in loggers:  # the resolved config, e.g. as the wandb run's config
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     spawns = (
         trainer.world_size > 1

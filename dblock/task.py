@@ -179,8 +179,13 @@ class PaperRecipe(pl.callbacks.ModelCheckpoint):
         if epoch not in self.milestones or epoch in self.applied:
             return
         if self._reload_best(trainer):
-            log.info("recipe: epoch %d, reloaded %s (%s=%.4g), Adam restarted", epoch,
-                     self.best_model_path, self.monitor, float(self.best_model_score))
+            log.info(
+                "recipe: epoch %d, reloaded %s (%s=%.4g), Adam restarted",
+                epoch,
+                self.best_model_path,
+                self.monitor,
+                float(self.best_model_score),
+            )
         for optimizer in trainer.optimizers:
             optimizer.state.clear()  # a fresh Adam: no moments, step counts from zero
         self.applied.append(epoch)
@@ -188,8 +193,12 @@ class PaperRecipe(pl.callbacks.ModelCheckpoint):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
         if self._reload_best(trainer):
-            log.info("recipe: reporting %s (%s=%.4g)", self.best_model_path, self.monitor,
-                     float(self.best_model_score))
+            log.info(
+                "recipe: reporting %s (%s=%.4g)",
+                self.best_model_path,
+                self.monitor,
+                float(self.best_model_score),
+            )
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "milestones_applied": list(self.applied)}
