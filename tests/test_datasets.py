@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 
 from datamodules.events import DataError, write_h5
 from datamodules.tonic_datasets import NMNISTDataModule, SHDDataModule, SSCDataModule
+from tests.test_run import run as run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -128,28 +129,21 @@ def test_nmnist_store_matches_hand_binning(nmnist_dir):
 
 
 def test_run_py_trains_on_shd_dir(shd_dir, tmp_path):
-    import subprocess
-    import sys
-
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "run.py"), "dataset=shd", f"paths.data_dir={shd_dir}",
-         "debug=default", "n_hidden=8", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-        env=dict(os.environ, WANDB_MODE="offline"),
+    run_cli(
+        ["dataset=shd", f"paths.data_dir={shd_dir}", "debug=default", "n_hidden=8",
+         "logger=none", f"hydra.run.dir={tmp_path / 'run'}"],
+        tmp_path,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in (shd_dir / "SHD").iterdir()) == ["shd_test.h5", "shd_train.h5"]
 
 
 def test_run_py_missing_data_is_a_clear_error(tmp_path):
-    import subprocess
-    import sys
-
     (tmp_path / "d").mkdir()  # exists, but holds no files (a missing folder: test_reliability)
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "run.py"), "dataset=shd", f"paths.data_dir={tmp_path / 'd'}",
-         "dataset.download=false", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    proc = run_cli(
+        ["dataset=shd", f"paths.data_dir={tmp_path / 'd'}", "dataset.download=false",
+         "logger=none", f"hydra.run.dir={tmp_path / 'run'}"],
+        tmp_path,
+        check=False,
     )
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert str(tmp_path / "d" / "SHD" / "shd_train.h5") in proc.stderr

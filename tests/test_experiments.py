@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import run  # noqa: F401  (registers the dblock.* resolvers)
+from tests.test_run import run as run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
@@ -162,27 +162,6 @@ def test_wandb_offline_unless_logged_in(monkeypatch, tmp_path):
     logger = OmegaConf.to_container(cfg.logger.wandb, resolve=True)
     assert logger["offline"] is True and logger["group"] == "fig4a_shd"
     assert {"model=dblock", "d=10", "layers=1", "dataset=bursts", "seed=2"} <= set(logger["tags"])
-
-
-def run_cli(args, tmp_path):
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env = dict(
-        os.environ,
-        DBLOCK_DATA=str(tmp_path / "data"),
-        WANDB_MODE="offline",
-        WANDB_SILENT="true",
-        PYTHONPATH=path,
-    )  # submitit's workers import the project
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "run.py"), *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
 
 
 def test_two_job_sweep_one_wandb_run_per_job_and_plot(tmp_path):

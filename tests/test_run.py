@@ -16,15 +16,24 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["dataset.n_train=256", "dataset.n_test=128", "dataset.batch_size=64", "n_hidden=16"]
 
 
-def run(args, tmp_path, check=True):
-    env = dict(os.environ, DBLOCK_DATA=str(tmp_path / "data"), WANDB_MODE="offline")
+def run(args, tmp_path, check=True, env=None, timeout=900):
+    """``python run.py ARGS`` in ``tmp_path``: data under ``tmp_path/data``, wandb offline, the
+    project importable by worker processes (submitit); ``env`` adds or replaces variables."""
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    base = dict(
+        os.environ,
+        DBLOCK_DATA=str(tmp_path / "data"),
+        WANDB_MODE="offline",
+        WANDB_SILENT="true",
+        PYTHONPATH=path,
+    )
     proc = subprocess.run(
         [sys.executable, str(ROOT / "run.py"), *args],
         cwd=tmp_path,
-        env=env,
+        env={**base, **(env or {})},
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
     )
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
