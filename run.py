@@ -23,6 +23,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from dblock.allocator import tune_allocator
 from dblock.config_check import ConfigError, check_config, check_data_dir, check_selection
 from dblock.task import NonFiniteError
 
@@ -250,6 +251,8 @@ def fail(message: str, code: int = 2) -> None:
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+    tune_allocator()  # large CPU tensors reuse heap pages instead of faulting in fresh ones
 
     if rank_zero_only.rank == 0:
         print(OmegaConf.to_yaml(cfg, resolve=True))

@@ -2,7 +2,8 @@
 
 DataLoaders yield only sample indices (cheap, no worker processes, DDP-shardable by Lightning's
 distributed sampler); ``on_after_batch_transfer`` turns them into dense time-major (T, B, n_in)
-counts by scatter-add from the store held on the model's device.
+counts by scatter-add from the store held on the model's device, into memory reused from an
+earlier batch once nothing refers to that batch any more.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from datamodules.cache import cached_store
-from datamodules.events import EventStore
+from datamodules.events import BatchBuffers, EventStore
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +148,7 @@ class EventDataModule(pl.LightningDataModule):
         self.stores: dict[str, EventStore] = {}
         self.split_indices: dict[str, tuple[str, np.ndarray]] = {}
         self._on_device: dict[tuple[str, str], EventStore] = {}
+        self._buffers = BatchBuffers()  # batch memory reused once the step is done with it
 
     @property
     def has_val(self) -> bool:
@@ -246,4 +248,4 @@ class EventDataModule(pl.LightningDataModule):
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> tuple[Tensor, Tensor]:
         idx = batch["idx"]
         store = self.store_on(batch["store"], idx.device)
-        return store.dense(idx), store.labels[idx]
+        return store.dense(idx, buffers=self._buffers), store.labels[idx]

@@ -24,6 +24,68 @@ class DataError(ValueError):
     """A dataset file is missing, corrupt or inconsistent; the message names the file and fix."""
 
 
+@dataclass(eq=False)
+class _Buffer:
+    memory: Tensor  # flat, zero except at ``written``
+    written: Tensor | None = None  # int64 positions its last batch set
+
+
+class BatchBuffers:
+    """Dense batch tensors whose memory is reused from one batch to the next.
+
+    Building a batch into fresh memory costs a pass that zeroes the whole (T, B, n_in) tensor
+    (179 MB at the SHD shape, more than the scatter itself), plus the page faults of a fresh
+    allocation. Here a buffer is zeroed instead at the positions its previous batch set: O(events).
+    A buffer is reused only once nothing outside holds its memory any more (no batch tensor, view
+    or autograd graph still refers to it); while one does, another buffer is used. At most
+    ``keep`` buffers are held; a buffer larger than a batch serves it from its start.
+    """
+
+    def __init__(self, keep: int = 2) -> None:
+        self.keep = keep
+        self.buffers: list[_Buffer] = []  # least recently used first
+
+    def scatter_add(self, numel: int, index: Tensor, values: Tensor) -> Tensor:
+        """A flat tensor of ``numel`` zeros with ``values`` added at ``index`` (1-D, int64)."""
+        buf = self._free(numel, values.dtype, values.device)
+        if buf.written is not None and buf.written.numel():
+            if buf.written.numel() * 64 < buf.memory.numel():  # sparse: clear what was set
+                buf.memory.index_fill_(0, buf.written, 0)
+            else:  # dense enough that one pass over the memory is cheaper
+                buf.memory.zero_()
+        out = buf.memory[:numel]
+        out.scatter_add_(0, index, values)
+        buf.written = index
+        return out
+
+    def _free(self, numel: int, dtype: torch.dtype, device: torch.device) -> _Buffer:
+        """A buffer nothing else refers to, of at least ``numel`` elements; made if none is."""
+        free = [b for b in self.buffers if not _referenced(b.memory)]
+        for buf in free:
+            mem = buf.memory
+            if mem.dtype == dtype and mem.device == device and mem.numel() >= numel:
+                self.buffers.remove(buf)
+                self.buffers.append(buf)
+                return buf
+        if len(self.buffers) >= self.keep:  # let one go: a free one, else the least recently
+            self.buffers.remove(free[0] if free else self.buffers[0])  # used (its holder keeps it)
+        buf = _Buffer(torch.zeros(numel, dtype=dtype, device=device))
+        self.buffers.append(buf)
+        return buf
+
+
+def _referenced(buf: Tensor) -> bool:
+    """Whether anything besides ``buf`` itself holds its memory (a view, a saved tensor, ...).
+
+    Counts the references to the storage: ``buf`` holds one and the probe below one more. If this
+    torch cannot count them, every buffer is treated as held (no reuse: always correct).
+    """
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    if count is None:
+        return True
+    return count(buf.untyped_storage()._cdata) > 2
+
+
 @dataclass
 class EventStore:
     """Events of one split: sample ``i`` owns ``units/bins[offsets[i]:offsets[i+1]]``."""
@@ -51,44 +113,73 @@ class EventStore:
                 moved[name] = value.to(device)
         return EventStore(**moved)
 
-    def dense(self, idx: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    def dense(
+        self, idx: Tensor, dtype: torch.dtype = torch.float32, buffers: BatchBuffers | None = None
+    ) -> Tensor:
         """Time-major count tensor (T, B, n_in) of samples ``idx`` (B,), contiguous, built on the
-        store's device.
+        store's device. With ``buffers`` its memory is reused from an earlier batch that nothing
+        refers to any more (see ``BatchBuffers``); without, it is a new tensor.
 
         On CPU it runs single-threaded: these memory-bound passes gain little from threads, and
         on a busy machine intra-op threads made them several times slower (measured).
         """
         if self.offsets.device.type != "cpu" or torch.get_num_threads() == 1:
-            return self._dense(idx, dtype)
+            return self._dense(idx, dtype, buffers)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            return self._dense(idx, dtype)
+            return self._dense(idx, dtype, buffers)
         finally:
             torch.set_num_threads(threads)
 
-    def _dense(self, idx: Tensor, dtype: torch.dtype) -> Tensor:
+    def _dense(self, idx: Tensor, dtype: torch.dtype, buffers: BatchBuffers | None) -> Tensor:
         idx = idx.to(self.offsets.device, torch.long)
         dev, b, n_in = idx.device, idx.shape[0], self.n_in
         starts = self.offsets[idx]
         counts = self.offsets[idx + 1] - starts
-        total = int(counts.sum())
-        # position of each gathered event in the flat arrays
-        shift = torch.repeat_interleave(
-            starts - (counts.cumsum(0) - counts), counts, output_size=total
-        )
-        pos = torch.arange(total, device=dev).add_(shift)
+        bins, units = self._events_of(starts, counts)
         # flat index (bin * B + row) * n_in + unit of the (T, B, n_in) output, in int64
         flat = torch.repeat_interleave(
-            torch.arange(0, b * n_in, n_in, device=dev), counts, output_size=total
+            torch.arange(0, b * n_in, n_in, device=dev), counts, output_size=bins.shape[0]
         )
-        flat.add_(self.bins[pos], alpha=b * n_in).add_(self.units[pos])
-        out = torch.zeros(self.t_len * b * n_in, dtype=dtype, device=dev)
-        out.scatter_add_(0, flat, torch.ones(total, dtype=dtype, device=dev))
+        flat.add_(bins, alpha=b * n_in).add_(units)
+        ones = torch.ones(flat.shape[0], dtype=dtype, device=dev)
+        numel = self.t_len * b * n_in
+        if buffers is None:
+            out = torch.zeros(numel, dtype=dtype, device=dev).scatter_add_(0, flat, ones)
+        else:
+            out = buffers.scatter_add(numel, flat, ones)
         return out.view(self.t_len, b, n_in)
+
+    def _events_of(self, starts: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+        """The bins and units of the samples whose events start at ``starts`` (B,), in order."""
+        if starts.device.type == "cpu":
+            return sliced_events(self.bins, self.units, starts, counts)
+        return gathered_events(self.bins, self.units, starts, counts)
 
     def state(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def sliced_events(
+    bins: Tensor, units: Tensor, starts: Tensor, counts: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``bins`` and ``units`` of the samples starting at ``starts`` with ``counts`` events, in
+    order: one slice per sample (each sample's events are contiguous), concatenated. The CPU path:
+    no index arithmetic, two memory copies."""
+    spans = list(zip(starts.tolist(), (starts + counts).tolist(), strict=True))
+    return torch.cat([bins[a:e] for a, e in spans]), torch.cat([units[a:e] for a, e in spans])
+
+
+def gathered_events(
+    bins: Tensor, units: Tensor, starts: Tensor, counts: Tensor
+) -> tuple[Tensor, Tensor]:
+    """As ``sliced_events``, by one gather with no per-sample host work (the GPU path)."""
+    total = int(counts.sum())
+    # position of each gathered event in the flat arrays
+    shift = torch.repeat_interleave(starts - (counts.cumsum(0) - counts), counts, output_size=total)
+    pos = torch.arange(total, device=starts.device).add_(shift)
+    return bins[pos], units[pos]
 
 
 def bin_events(times: np.ndarray, dt_ms: float, t_len: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,16 +1,20 @@
-"""Fig. 3 speed benchmark (SPEC §7): fwd+bwd of one hidden layer, d-block vs standard vs peers.
+"""Fig. 3 speed benchmark (SPEC §7): fwd+bwd of one hidden layer, d-block vs standard vs peers,
+and a whole training step at the SHD shape.
 
 One hidden layer (projection + neurons, no readout) on Poisson input (1000 units, per-sample rate
 ~ U(0, 200) Hz, 1 ms steps), batch 128. For each grid point it times, side by side and in
 interleaved rounds (median reported): the floor (``nn.Linear`` alone on the contiguous
 time-major input), dblock's d-block layer for each d, dblock's standard layer, the paper-style
-(B, N, T)-indexed standard loop, and the
-peers that are installed (``pip install -e ".[bench]"``). Both whole-layer (x -> spikes) and
-neurons-only (current -> spikes) times, and the peak fwd+bwd memory of one call. Rows are
-appended to a CSV as each point finishes; rows already there are skipped (resumable).
+(B, N, T)-indexed standard loop, and the peers that are installed (``pip install -e
+".[bench]"``). Scopes: whole layer (x -> spikes), neurons only (current -> spikes), and, at the
+SHD point, the whole training step (``experiments/bench_step.py``: the batch build by the SHD
+datamodule, the floor on that batch, then model + loss + Adam for d-block and standard). Also
+the peak memory of one call. Rows are appended to a CSV as each point finishes; rows already
+there are skipped (resumable). glibc's allocator is tuned as ``run.py`` tunes it
+(``dblock/allocator.py``) unless ``--default-malloc``.
 
-    MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000 \\
-        python experiments/bench_speed.py --grid full --out outputs/bench_speed.csv
+    python experiments/bench_speed.py --grid full --out outputs/bench_speed.csv
+    python experiments/bench_speed.py --panels shd --d 10 --rounds 7 --out outputs/shd.csv
 """
 
 from __future__ import annotations
@@ -21,14 +25,19 @@ import logging
 import os
 import statistics
 import sys
+import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dblock.allocator import tune_allocator  # noqa: E402
 from experiments.bench_impls import PEERS, Unavailable, build  # noqa: E402
+from experiments.bench_step import StepPoint  # noqa: E402
 
 log = logging.getLogger("bench_speed")
 COLUMNS = "panel,mode,impl,scope,d,t_len,n_hidden,n_in,batch,device,time_ms,peak_mem_mb".split(",")
@@ -72,8 +81,8 @@ def run_once(fn, arg: torch.Tensor, params: list[torch.Tensor]) -> None:
     fn(arg).sum().backward()
 
 
-def peak_memory_mb(fn, arg: torch.Tensor, params: list[torch.Tensor], device: str) -> float:
-    """Peak memory allocated above the starting level during one fwd+bwd, in MB.
+def peak_memory_mb(go: Callable[[], None], device: str) -> float:
+    """Peak memory allocated above the starting level during one call of ``go``, in MB.
 
     CUDA: ``torch.cuda.max_memory_allocated``. CPU: the running sum, in time order, of the net
     allocations each operator makes and the frees the profiler records (``profile_memory``).
@@ -82,13 +91,13 @@ def peak_memory_mb(fn, arg: torch.Tensor, params: list[torch.Tensor], device: st
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        run_once(fn, arg, params)
+        go()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        run_once(fn, arg, params)
+        go()
     events = sorted(
         (e.time_range.start, e.self_cpu_memory_usage)
         for e in prof.events()
@@ -101,15 +110,46 @@ def peak_memory_mb(fn, arg: torch.Tensor, params: list[torch.Tensor], device: st
     return peak / 2**20
 
 
-def point_cases(args, mode: str, n_in: int, n: int, t_len: int) -> list[tuple]:
-    """(impl, scope, d) triples to time at one grid point."""
+def point_cases(args, mode: str, n_in: int, n: int, t_len: int, panel: str) -> list[tuple]:
+    """(impl, scope, d) triples to time at one grid point. The step scope (a whole training step
+    on batches from the real datamodule) exists at the SHD point only; its cases start with the
+    batch build, which makes the batch the round's other step cases use."""
     cases = [("floor", "layer", None)]
     d_values = [d for d in args.d if d <= t_len]
     for scope in args.scopes:
+        if scope == "step":
+            if panel == "shd":
+                cases += [("data", "step", None), ("floor", "step", None)]
+                cases += [("dblock", "step", d) for d in d_values]
+                cases += [("standard", "step", None)] if "standard" in args.impls else []
+            continue
         cases += [("dblock", scope, d) for d in d_values]
         cases += [(impl, scope, None) for impl in ("standard", "paper_style") if impl in args.impls]
         cases += [(p, scope, None) for p in PEERS if p in args.impls]
-    return [c for c in cases if c[0] == "floor" or c[0] in args.impls]
+    return [c for c in cases if c[0] in ("floor", "data") or c[0] in args.impls]
+
+
+def make_runner(args, case: tuple, point: tuple, inputs: dict) -> Callable[[], None]:
+    """A zero-argument callable timing one unit of ``case`` (impl, scope, d) at ``point``
+    (panel, mode, n_in, n, t_len). ``inputs`` caches what the point's cases share."""
+    impl, scope, d = case
+    panel, mode, n_in, n, t_len = point
+    device = args.device
+    if scope == "step":
+        if "step" not in inputs:
+            inputs["step"] = StepPoint(
+                args.data_dir, mode, n_in, n, t_len, args.batch, args.rounds + args.warmup, device
+            )
+        return inputs["step"].runner(impl, d)
+    if "x" not in inputs:
+        x = poisson_input(args.batch, n_in, t_len, device)
+        with torch.no_grad():  # a realistic current for the neurons-only scope
+            current = build("floor", "layer", mode, n_in, n, None, device)(x)
+        inputs["x"], inputs["current"] = x, current.detach().requires_grad_()
+    fn = build(impl, scope, mode, n_in, n, d, device)
+    arg = inputs["x"] if scope == "layer" else inputs["current"]
+    params = list(fn.parameters()) + ([arg] if scope == "neurons" else [])
+    return partial(run_once, fn, arg, params)
 
 
 def measure_point(args, panel: str, mode: str, n_in: int, n: int, t_len: int, done: set) -> list:
@@ -119,43 +159,38 @@ def measure_point(args, panel: str, mode: str, n_in: int, n: int, t_len: int, do
     key_tail = [t_len, n, n_in, args.batch, device]
     todo = [
         c
-        for c in point_cases(args, mode, n_in, n, t_len)
+        for c in point_cases(args, mode, n_in, n, t_len, panel)
         if tuple(map(str, base + [c[0], c[1], c[2] or ""] + key_tail)) not in done
     ]
     if not todo:
         return []
-    x = poisson_input(args.batch, n_in, t_len, device)
-    with torch.no_grad():  # a realistic current for the neurons-only scope
-        current = build("floor", "layer", mode, n_in, n, None, device)(x)
-    current = current.detach().requires_grad_()
-    runners = []
-    for impl, scope, d in todo:
+    runners, inputs = [], {}
+    for case in todo:
+        impl, scope, _ = case
         try:
-            fn = build(impl, scope, mode, n_in, n, d, device)
-            arg = x if scope == "layer" else current
-            params = list(fn.parameters()) + ([current] if scope == "neurons" else [])
+            go = make_runner(args, case, (panel, mode, n_in, n, t_len), inputs)
             for _ in range(args.warmup):
-                run_once(fn, arg, params)
+                go()
         except Unavailable as err:
             log.warning("skipping %s: %s", impl, err)
             continue
         except Exception as err:  # noqa: BLE001 - a peer that breaks must not stop the run
             log.warning("skipping %s (%s, %s): %s: %s", impl, scope, mode, type(err).__name__, err)
             continue
-        runners.append(((impl, scope, d), fn, arg, params))
-    times = {r[0]: [] for r in runners}
+        runners.append((case, go))
+    times = {case: [] for case, _ in runners}
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     for _ in range(args.rounds):  # interleaved: one call of each case per round
-        for case, fn, arg, params in runners:
+        for case, go in runners:
             sync(device)
             start = clock()
-            run_once(fn, arg, params)
+            go()
             sync(device)
             times[case].append(clock() - start)
     rows = []
-    for case, fn, arg, params in runners:
+    for case, go in runners:
         impl, scope, d = case
-        mem = peak_memory_mb(fn, arg, params, device) if args.memory else float("nan")
+        mem = peak_memory_mb(go, device) if args.memory else float("nan")
         ms = statistics.median(times[case]) * 1e3
         rows.append(base + [impl, scope, d or ""] + key_tail + [f"{ms:.3f}", f"{mem:.2f}"])
     return rows
@@ -199,7 +234,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--t", default="", help="only these t_len values (comma list)")
     p.add_argument("--d", default=",".join(map(str, D_VALUES)), help="d values (comma list)")
     p.add_argument("--impls", default="dblock,standard,paper_style," + ",".join(PEERS))
-    p.add_argument("--scopes", default="layer,neurons")
+    p.add_argument(
+        "--scopes",
+        default="layer,neurons,step",
+        help="layer: projection + neurons; neurons: current -> spikes; step: a whole training\n"
+        "step (model, loss, Adam) on batches from the SHD datamodule (shd panel only)",
+    )
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds (median)")
     p.add_argument("--warmup", type=int, default=1)
@@ -213,6 +253,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip peak memory")
     p.add_argument("--quick", action="store_true", help="tiny smoke run")
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="where the step scope writes its SHD-like files (default: a temporary directory)",
+    )
+    p.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="leave glibc's allocator as it is (default: tuned as run.py tunes it)",
+    )
     p.add_argument("--out", default="outputs/bench_speed.csv")
     args = p.parse_args(argv)
     ints = lambda s: [int(v) for v in s.split(",") if v]  # noqa: E731
@@ -231,11 +282,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     args = parse_args(argv)
+    if not args.default_malloc:
+        tune_allocator()
     threads = torch.get_num_threads()
     try:
         if args.threads:
             torch.set_num_threads(args.threads)
-        return _run(args)
+        if args.data_dir is not None:
+            return _run(args)
+        with tempfile.TemporaryDirectory() as tmp:
+            args.data_dir = Path(tmp)
+            return _run(args)
     finally:
         torch.set_num_threads(threads)
 
@@ -247,11 +304,12 @@ def _run(args) -> Path:
     done = read_done(out)
     points = grid_points(args)
     log.info(
-        "%d points, torch %s, %d threads, device %s -> %s",
+        "%d points, torch %s, %d threads, device %s, load average %.2f -> %s",
         len(points),
         torch.__version__,
         torch.get_num_threads(),
         args.device,
+        os.getloadavg()[0],
         out,
     )
     from tqdm import tqdm

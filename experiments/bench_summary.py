@@ -5,6 +5,9 @@
 For every (panel, mode, t_len, n_hidden, device): the d-block layer over the floor, the speedup
 of the d-block over dblock's standard layer (whole layer and neurons only: standard time /
 d-block time), each other implementation's whole-layer time over the d-block's, and peak memory.
+Where the CSV has the whole-step scope, a second table: each training step over the floor on the
+same batch, d-block step / standard step as a speedup, and the batch build as a share of the
+d-block step.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ def table(points: dict) -> str:
         floor = cases.get(("floor", "layer", ""), (None, None))[0]
         std = cases.get(("standard", "layer", ""))
         std_n = cases.get(("standard", "neurons", ""))
-        ds = sorted({int(d) for impl, _, d in cases if impl == "dblock"})
+        ds = sorted({int(d) for impl, scope, d in cases if impl == "dblock" and scope != "step"})
         for d in ds:
             lay = cases.get(("dblock", "layer", str(d)))
             neu = cases.get(("dblock", "neurons", str(d)))
@@ -65,10 +68,42 @@ def table(points: dict) -> str:
     return "\n".join(lines)
 
 
+def step_table(points: dict) -> str:
+    """One row per point and d that has whole-step rows; empty if none."""
+    head = (
+        "| mode | T | n | d | floor ms | dblock step ms | dblock step/floor | "
+        "standard step/floor | speedup step (std/dblock) | data ms | data/dblock step |"
+    )
+    lines = []
+    for key in sorted(points):
+        cases = points[key]
+        floor = cases.get(("floor", "step", ""), (None,))[0]
+        std = cases.get(("standard", "step", ""), (None,))[0]
+        data = cases.get(("data", "step", ""), (None,))[0]
+        ds = sorted({int(d) for impl, scope, d in cases if impl == "dblock" and scope == "step"})
+        for d in ds:
+            db = cases[("dblock", "step", str(d))][0]
+            lines.append(
+                f"| {key[1]} | {key[2]} | {key[3]} | {d} | {_fmt(floor, 0)} | {_fmt(db, 0)} | "
+                f"{_fmt(db / floor if floor else None)} | "
+                f"{_fmt(std / floor if std and floor else None)} | "
+                f"{_fmt(std / db if std else None)} | {_fmt(data, 1)} | "
+                f"{_fmt(100 * data / db if data else None, 1)} % |"
+            )
+    if not lines:
+        return ""
+    return "\n".join([head, "|" + "---|" * (head.count("|") - 1), *lines])
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("csv")
-    print(table(load(p.parse_args(argv).csv)))
+    points = load(p.parse_args(argv).csv)
+    print(table(points))
+    steps = step_table(points)
+    if steps:
+        print("\nWhole training step (model + loss + Adam) on batches from the SHD datamodule:\n")
+        print(steps)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
-"""Smoke run of the speed benchmark on tiny sizes: it runs, writes its CSV, and resumes."""
+"""Smoke run of the speed benchmark on tiny sizes: it runs, writes its CSV, resumes, and its
+summary reads it."""
 
 from __future__ import annotations
 
 import csv
 
-from experiments import bench_speed
+from experiments import bench_speed, bench_summary
 
 
 def test_bench_speed_quick_writes_and_resumes(tmp_path):
@@ -21,6 +22,9 @@ def test_bench_speed_quick_writes_and_resumes(tmp_path):
         str(out),
         "--impls",
         "dblock,standard,paper_style",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--default-malloc",
     ]
     bench_speed.main(argv)
     with out.open() as f:
@@ -31,6 +35,10 @@ def test_bench_speed_quick_writes_and_resumes(tmp_path):
         for impl in ("dblock", "standard", "paper_style"):
             assert (impl, "neurons", mode) in impls and (impl, "layer", mode) in impls
         assert ("floor", "layer", mode) in impls
+        for impl in ("data", "floor", "dblock", "standard"):  # the whole step, SHD panel only
+            assert (impl, "step", mode) in impls
+    assert {r["panel"] for r in rows if r["scope"] == "step"} == {"shd"}
+    assert {r["d"] for r in rows if r["scope"] == "step" and r["impl"] == "dblock"} == {"2", "4"}
     assert {r["d"] for r in rows if r["impl"] == "dblock"} == {"2", "4"}
     assert all(r["d"] == "" for r in rows if r["impl"] != "dblock")
     assert all(float(r["time_ms"]) > 0 and float(r["peak_mem_mb"]) >= 0 for r in rows)
@@ -38,3 +46,6 @@ def test_bench_speed_quick_writes_and_resumes(tmp_path):
     bench_speed.main(argv)  # resumable: nothing left to do, no duplicate rows
     with out.open() as f:
         assert len(list(csv.DictReader(f))) == n_rows
+    steps = bench_summary.step_table(bench_summary.load(str(out))).splitlines()
+    assert len(steps) == 2 + 4  # header, rule, (feedforward, recurrent) x d in (2, 4)
+    assert all(line.count("|") == steps[0].count("|") and " - |" not in line for line in steps)

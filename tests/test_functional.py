@@ -7,6 +7,7 @@ import torch
 
 from dblock import functional as F
 from dblock.functional import reference as R
+from dblock.functional.readout import projected_readout
 
 SHAPES = [  # (B, N, T, d)
     (3, 5, 20, 3),
@@ -154,6 +155,43 @@ def test_readout_matches_reference(d, reduce):
     torch.testing.assert_close(fast, ref)
     for got, want in zip(fast_g, ref_g, strict=True):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize(
+    "b,n,t,d",
+    [(3, 5, 20, None), (2, 4, 17, 17), (2, 3, 10, 1), (1, 7, 23, 5), (2, 6, 11, 4), (2, 3, 1, 1)],
+)
+# max over binary spikes at beta 0 or 1 has ties, where the subgradient split is a convention
+@pytest.mark.parametrize(
+    "reduce,beta_value", [("sum", None), ("sum", 0.0), ("sum", 1.0), ("max", None)]
+)
+def test_projected_readout_matches_the_reference_of_the_projection(b, n, t, d, reduce, beta_value):
+    """The readout weighted over time before its projection equals the reference readout of
+    ``W S + b``, values and gradients (spikes, weight, bias, beta)."""
+    spikes = (torch.rand(t, b, n, generator=torch.Generator().manual_seed(t)) < 0.3).double()
+    spikes.requires_grad_()
+    weight = torch.randn(4, n, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    beta = torch.rand(4) if beta_value is None else torch.full((4,), beta_value)
+    beta = beta.double().requires_grad_()
+    inputs = [spikes, weight, bias, beta]
+    fast, fast_g = grads(lambda: projected_readout(spikes, weight, bias, beta, d, reduce), inputs)
+    ref, ref_g = grads(
+        lambda: R.leaky_readout(torch.nn.functional.linear(spikes, weight, bias), beta, d, reduce),
+        inputs,
+    )
+    torch.testing.assert_close(fast, ref)
+    for got, want in zip(fast_g, ref_g, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_projected_readout_float32_and_no_bias():
+    spikes = (torch.rand(50, 4, 8, generator=torch.Generator().manual_seed(0)) < 0.2).float()
+    weight, beta = torch.randn(3, 8), torch.rand(3)
+    got = projected_readout(spikes, weight, None, beta, 7)
+    want = R.leaky_readout(spikes @ weight.t(), beta, 7)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_readout_restarts_at_blocks():

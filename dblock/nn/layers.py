@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from dblock import functional as F
-from dblock.functional.readout import check_reduce
+from dblock.functional.readout import check_reduce, projected_readout
 
 HIDDEN_BETA = math.exp(-1 / 10)
 READOUT_BETA = math.exp(-1 / 20)
@@ -135,4 +135,5 @@ class LeakyReadout(nn.Module):
         self.beta = Decay(n_classes, beta_init)
 
     def forward(self, spikes: Tensor) -> Tensor:
-        return F.leaky_readout(self.projection(spikes), self.beta(), self.d, self.reduce)
+        p = self.projection
+        return projected_readout(spikes, p.weight, p.bias, self.beta(), self.d, self.reduce)

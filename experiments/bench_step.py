@@ -1,0 +1,110 @@
+"""The speed benchmark's whole-step scope: a training step on batches from the real datamodule.
+
+At one point (n_in inputs, n hidden neurons, T steps, a batch size) it writes SHD-like files as
+``experiments/bench_data.py`` does (T steps over 1 s, so the SHD point is T 500 at 2 ms), reads
+them through ``SHDDataModule`` and times, in each round, on one fresh batch:
+
+- ``data``: the batch build, ``SHDDataModule.on_after_batch_transfer`` on a batch of sample
+  indices, exactly as Lightning hands it over;
+- ``floor``: ``nn.Linear(n_in, n)`` forward + backward on that (contiguous, time-major) batch;
+- ``dblock`` (per d) and ``standard``: one hidden layer of n neurons and the readout
+  (``SNNClassifier``), cross-entropy, backward and an Adam step.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from datamodules.tonic_datasets import SHDDataModule
+from dblock.models import SNNClassifier
+from experiments.bench_data import generate_shd_like
+
+N_CLASSES = 20
+SHD_EVENTS = 5000.0  # mean events per sample at the SHD size (700 inputs, T 500)
+
+
+class StepPoint:
+    """Batches from ``SHDDataModule`` at one point, and the runners timed on them."""
+
+    def __init__(
+        self,
+        root: Path,
+        mode: str,
+        n_in: int,
+        n: int,
+        t_len: int,
+        batch: int,
+        rounds: int,
+        device: str,
+    ) -> None:
+        self.mode, self.n_in, self.n, self.t_len, self.device = mode, n_in, n, t_len, device
+        folder = Path(root) / f"step_{n_in}_{t_len}_{batch}"
+        files = folder / "SHD"
+        n_samples = batch * (rounds + 3)  # a fresh batch every round, warm-up included
+        if not (files / "shd_train.h5").is_file():
+            events = max(10.0, SHD_EVENTS * n_in * t_len / (700 * 500))
+            generate_shd_like(files / "shd_test.h5", 1, events, 1, n_in, N_CLASSES)
+            generate_shd_like(files / "shd_train.h5", n_samples, events, 0, n_in, N_CLASSES)
+        self.dm = SHDDataModule(
+            folder,
+            n_in=n_in,
+            n_classes=N_CLASSES,
+            t_len=t_len,
+            dt_ms=1000.0 / t_len,
+            batch_size=batch,
+            val_fraction=0.0,
+            cache=False,
+            download=False,
+        )
+        self.dm.setup()
+        self._indices = (b for _ in itertools.count() for b in self.dm.train_dataloader())
+        self.batch: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.next_batch()
+
+    def next_batch(self) -> None:
+        """Build the next batch as Lightning does: indices to the device, then the hook."""
+        raw = next(self._indices)
+        raw["idx"] = raw["idx"].to(self.device)
+        self.batch = None  # the previous batch is released first, as in a training loop
+        self.batch = self.dm.on_after_batch_transfer(raw, 0)
+
+    def runner(self, impl: str, d: int | None) -> Callable[[], None]:
+        """A zero-argument callable doing one timed unit of ``impl`` on the current batch."""
+        if impl == "data":
+            return self.next_batch
+        if impl == "floor":
+            linear = nn.Linear(self.n_in, self.n).to(self.device)
+
+            def floor() -> None:
+                x = self.batch[0]
+                assert x.is_contiguous()
+                linear.weight.grad = linear.bias.grad = None
+                linear(x).sum().backward()
+
+            return floor
+        net = SNNClassifier(
+            n_in=self.n_in,
+            n_hidden=self.n,
+            n_layers=1,
+            n_classes=N_CLASSES,
+            model=impl,
+            d=d or 1,
+            recurrent=self.mode == "recurrent",
+            t_len=self.t_len,
+        ).to(self.device)
+        optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+
+        def step() -> None:
+            x, y = self.batch
+            loss = F.cross_entropy(net(x).logits, y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+        return step
