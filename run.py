@@ -23,8 +23,8 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from dblock.allocator import tune_allocator
 from dblock.config_check import ConfigError, check_config, check_data_dir, check_selection
+from dblock.runtime import prepare_process
 from dblock.task import NonFiniteError
 
 log = logging.getLogger("dblock")
@@ -252,7 +252,7 @@ def fail(message: str, code: int = 2) -> None:
 def main(cfg: DictConfig) -> float | None:
     from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-    tune_allocator()  # large CPU tensors reuse heap pages instead of faulting in fresh ones
+    prepare_process()  # allocator tuned for large CPU tensors; a hint when the CPU is busy
 
     if rank_zero_only.rank == 0:
         print(OmegaConf.to_yaml(cfg, resolve=True))

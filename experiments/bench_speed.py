@@ -11,7 +11,7 @@ SHD point, the whole training step (``experiments/bench_step.py``: the batch bui
 datamodule, the floor on that batch, then model + loss + Adam for d-block and standard). Also
 the peak memory of one call. Rows are appended to a CSV as each point finishes; rows already
 there are skipped (resumable). glibc's allocator is tuned as ``run.py`` tunes it
-(``dblock/allocator.py``) unless ``--default-malloc``.
+(``dblock/runtime.py``) unless ``--default-malloc``.
 
     python experiments/bench_speed.py --grid full --out outputs/bench_speed.csv
     python experiments/bench_speed.py --panels shd --d 10 --rounds 7 --out outputs/shd.csv
@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dblock.allocator import tune_allocator  # noqa: E402
+from dblock.runtime import tune_allocator  # noqa: E402
 from experiments.bench_impls import PEERS, Unavailable, build  # noqa: E402
 from experiments.bench_step import StepPoint  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""The allocator set-up that run.py applies: large CPU tensors reuse heap pages."""
+"""The process set-up that run.py applies: large CPU tensors reuse heap pages."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = """
 import resource, torch
-from dblock.allocator import tune_allocator
+from dblock.runtime import tune_allocator
 tuned = tune_allocator()
 faults = []
 for _ in range(12):  # allocate, write and free 64 MB: fresh pages faulted in each time
