@@ -2,7 +2,8 @@
 
 A split is held as flat arrays plus per-sample offsets, with times already binned for the
 configured ``dt`` and ``T``. Dense time-major (T, B, n_in) count tensors are built from it on
-whatever device the store lives on, by one scatter-add per batch.
+whatever device the store lives on, by one scatter-add per batch, into memory reused from an
+earlier batch (``BatchBuffers``).
 """
 
 from __future__ import annotations

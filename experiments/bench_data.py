@@ -11,7 +11,7 @@ times, vlen uint16 units), then, in one run on one machine:
 - a d-block training epoch of the default SHD model (fwd + bwd + Adam), estimated from a few
   batches and extrapolated to the epoch's batch count.
 
-    MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000 python experiments/bench_data.py
+    python experiments/bench_data.py
     python experiments/bench_data.py --samples 64 --mean-events 300   # a smoke run
 """
 
@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datamodules.events import write_h5  # noqa: E402
 from datamodules.tonic_datasets import SHDDataModule  # noqa: E402
+from dblock.runtime import tune_allocator  # noqa: E402
 
 N_IN, N_CLASSES = 700, 20
 
@@ -161,7 +162,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dir", type=Path, default=None, help="data directory (default: a temp dir)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    p.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="leave glibc's allocator as it is (default: tuned as run.py tunes it)",
+    )
     args = p.parse_args(argv)
+    if not args.default_malloc:
+        tune_allocator()
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
