@@ -166,6 +166,8 @@ def test_wandb_offline_unless_logged_in(monkeypatch, tmp_path):
 
 def test_two_job_sweep_one_wandb_run_per_job_and_plot(tmp_path):
     sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "multirun.yaml").write_text("# the sweep before, e.g. fig4a's\n")
     run_cli(
         [
             "-m",
@@ -180,6 +182,9 @@ def test_two_job_sweep_one_wandb_run_per_job_and_plot(tmp_path):
         ],
         tmp_path,
     )
+    (kept,) = sweep.glob("multirun-*.yaml")  # one multirun*.yaml per sweep
+    assert kept.read_text() == "# the sweep before, e.g. fig4a's\n"
+    assert "fig4b_shd" in (sweep / "multirun.yaml").read_text()
     jobs = sorted(p.parent for p in sweep.glob("*/results.json"))
     assert [j.name for j in jobs] == [
         "dblock-d40-layers1-recTrue-detFalse-seed0",
