@@ -146,7 +146,7 @@ class EventDataModule(pl.LightningDataModule):
         number = isinstance(fraction, int | float) and not isinstance(fraction, bool)
         if not number or not 0 <= fraction <= 1:
             raise ValueError(
-                f"dataset.max_dropped_fraction must be a number in [0, 1], got "
+                "dataset.max_dropped_fraction must be a number in [0, 1], got "
                 f"{max_dropped_fraction!r}"
             )
         self.max_dropped_fraction = float(max_dropped_fraction)

@@ -83,8 +83,8 @@ def flatten(source: str, per_sample, name: str, kinds: str) -> tuple[np.ndarray,
         i, what = _first_bad(per_sample, kinds)
         raise DataError(
             f"{source}: sample {i} has {name} of {what}; each sample's {name} must be a 1-D list "
-            f"of numbers (the SHD layout: spikes/times in seconds, spikes/units as channel "
-            f"indices, one variable-length list per sample). Convert the file to that layout."
+            "of numbers (the SHD layout: spikes/times in seconds, spikes/units as channel "
+            "indices, one variable-length list per sample). Convert the file to that layout."
         )
     return counts, flat
 
@@ -97,7 +97,7 @@ def _check_whole(source: str, values: np.ndarray, name: str, where) -> None:
     if len(bad):
         raise DataError(
             f"{source}: {where(int(bad[0]))} has {name} {values[bad[0]]}; {name}s must be whole "
-            f"numbers (integer indices; integral floats such as 3.0 are accepted). Fix the file: "
+            "numbers (integer indices; integral floats such as 3.0 are accepted). Fix the file: "
             "nothing is rounded or truncated for you."
         )
 
