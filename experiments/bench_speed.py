@@ -25,6 +25,7 @@ import os
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -158,23 +159,30 @@ def measure_point(args, panel: str, mode: str, n_in: int, n: int, t_len: int, do
             log.warning("skipping %s (%s, %s): %s: %s", impl, scope, mode, type(err).__name__, err)
             continue
         runners.append(((impl, scope, d), fn, arg, params))
-    times = {r[0]: [] for r in runners}
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    for _ in range(args.rounds):  # interleaved: one call of each case per round
-        for case, fn, arg, params in runners:
-            sync(device)
-            start = clock()
-            run_once(fn, arg, params)
-            sync(device)
-            times[case].append(clock() - start)
+    calls = {case: partial(run_once, fn, arg, params) for case, fn, arg, params in runners}
+    times = interleaved_medians(calls, args.rounds, device, args.clock)
     rows = []
     for case, fn, arg, params in runners:
         impl, scope, d = case
         mem = peak_memory_mb(fn, arg, params, device) if args.memory else float("nan")
         ops = count_aten_ops(fn, arg, params)
-        ms = statistics.median(times[case]) * 1e3
+        ms = times[case] * 1e3
         rows.append(base + [impl, scope, d or ""] + key_tail + [f"{ms:.3f}", f"{mem:.2f}", ops])
     return rows
+
+
+def interleaved_medians(calls: dict, rounds: int, device: str, clock: str = "wall") -> dict:
+    """Median seconds of each call, timed in interleaved rounds (one call of each per round)."""
+    timer = time.process_time if clock == "cpu" else time.perf_counter
+    times = {key: [] for key in calls}
+    for _ in range(rounds):
+        for key, call in calls.items():
+            sync(device)
+            start = timer()
+            call()
+            sync(device)
+            times[key].append(timer() - start)
+    return {key: statistics.median(t) for key, t in times.items()}
 
 
 def sync(device: str) -> None:

@@ -127,3 +127,19 @@ def test_aten_ops_at_the_measured_shape():
         ops = _ops(mode, t, d, batch=16, n_in=1000, n=100)
         assert ops <= (200 if mode == "feedforward" else 200 + 20 * d)
         assert abs(ops - _ops(mode, t, d)) <= 10
+
+
+def test_chunked_keeps_float32_matmuls_when_tf32_is_allowed():
+    """The Toeplitz matmuls are the membrane: they run at full float32 precision whatever the
+    global matmul precision, which they leave as they found it."""
+    current, beta, weight, bias = make(2, 6, 200, seed=3, dtype=torch.float32)
+    want = F.dblock_neurons(current, beta, 4, weight, bias, kernel="chunked")
+    old = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        got = F.dblock_neurons(current, beta, 4, weight, bias, kernel="chunked")
+        got.sum().backward()
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(old)
+    assert torch.equal(got, want)

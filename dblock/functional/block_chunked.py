@@ -43,6 +43,8 @@ loop kernel (``block_kernel``), which needs no copy, is the default (``kernel="a
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -180,12 +182,28 @@ def _candidate_grad(g: Tensor, u: Tensor, scale: float) -> Tensor:
     return run.div_(denom)
 
 
+@contextmanager
+def _float32(device_type: str) -> Iterator[None]:
+    """Autocast off and full-precision float32 matmuls: the Toeplitz sums are the membrane, so
+    TF32 (``torch.set_float32_matmul_precision("high")``) or bf16 would move spikes."""
+    old = torch.get_float32_matmul_precision()
+    with torch.autocast(device_type, enabled=False):
+        if old == "highest":
+            yield
+            return
+        torch.set_float32_matmul_precision("highest")
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(old)
+
+
 class ChunkedFunction(torch.autograd.Function):
     """d-block spikes of a feedforward layer, or of a recurrent one with detached spikes."""
 
     @staticmethod
     def forward(ctx, current, beta, weight, bias, lengths, scale, chunk):  # noqa: D102
-        with torch.autocast(current.device.type, enabled=False):
+        with _float32(current.device.type):
             c, m = chunk_plan(lengths, chunk)
             pw = decay_powers(beta, m * c + 1).t().contiguous()  # (N, P + 1)
             inner, carry = _matrices(pw, c, m)
@@ -199,7 +217,7 @@ class ChunkedFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
         u, pw, inner, carry, fired = ctx.saved_tensors
-        with torch.autocast(grad.device.type, enabled=False):
+        with _float32(grad.device.type):
             g = _candidate_grad(_to_work(grad, ctx.lengths, u.shape[-1]), u, ctx.scale)
             a = _adjoint(g, pw, inner, carry)
             g_current = _from_work(a, ctx.lengths, grad.dtype)
