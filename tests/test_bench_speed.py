@@ -6,10 +6,10 @@ import csv
 
 import pytest
 
-from experiments import bench_speed
+from experiments import bench_speed, bench_summary
 
 
-def test_bench_speed_quick_writes_and_resumes(tmp_path):
+def test_bench_speed_quick_writes_and_resumes(tmp_path, capsys):
     out = tmp_path / "bench.csv"
     argv = [
         "--quick",
@@ -22,7 +22,7 @@ def test_bench_speed_quick_writes_and_resumes(tmp_path):
         "--out",
         str(out),
         "--impls",
-        "dblock,dblock_chunked,standard,paper_style",
+        "dblock,dblock_loop,dblock_chunked,standard,paper_style",
     ]
     bench_speed.main(argv)
     with out.open() as f:
@@ -39,6 +39,9 @@ def test_bench_speed_quick_writes_and_resumes(tmp_path):
     assert all(float(r["time_ms"]) > 0 and float(r["peak_mem_mb"]) >= 0 for r in rows)
     assert all(int(r["aten_ops"]) > 0 for r in rows)
     n_rows = len(rows)
+    bench_summary.main([str(out)])
+    summary = capsys.readouterr().out
+    assert "ops dblock" in summary and "chunked/loop layer" in summary
     bench_speed.main(argv)  # resumable: nothing left to do, no duplicate rows
     with out.open() as f:
         assert len(list(csv.DictReader(f))) == n_rows
