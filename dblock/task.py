@@ -200,6 +200,8 @@ class PaperRecipe(pl.callbacks.ModelCheckpoint):
         **kwargs,
     ) -> None:
         kwargs.setdefault("save_on_train_epoch_end", True)
+        # one file, rewritten: a restart after a kill must not write best-train-loss-v1.ckpt
+        kwargs.setdefault("enable_version_counter", False)
         super().__init__(
             monitor=monitor,
             mode=mode,

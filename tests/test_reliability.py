@@ -149,21 +149,38 @@ def test_full_disk_keeps_the_last_checkpoint_and_says_so(tmp_path):
     assert res["status"] == "failed" and res["last_good_ckpt"] == str(last)
 
 
+def test_resume_at_an_epoch_boundary_selects_as_the_uninterrupted_run(reference, tmp_path):
+    """Killed at the start of epoch 1: last.ckpt (epoch 0) must hold epoch 0's selection state,
+    or the resumed run picks another best epoch than the uninterrupted one and tests it."""
+    out, last = tmp_path / "run", tmp_path / "run" / "checkpoints" / "last.ckpt"
+    kill = fault("KillAt", epoch=1, batch=0)
+    proc = run_cli([*RESUMABLE, f"hydra.run.dir={out}", *kill], tmp_path, check=False)
+    assert proc.returncode == -signal.SIGKILL and load(last)["epoch"] == 0
+    run_cli([*RESUMABLE, f"hydra.run.dir={out}", f"ckpt_path={last}"], tmp_path)
+    got, want = results(out), results(reference)
+    assert (got["tested_epoch"], got["test/acc"]) == (want["tested_epoch"], want["test/acc"])
+    assert same(got, want)
+
+
 def test_recipe_paper_resumes_exactly(tmp_path):
     """The paper recipe's checkpoint (best-train-loss.ckpt) and milestone state are in last.ckpt:
-    killed at the milestone epoch and resumed, it reloads, restarts Adam and selects as an
-    uninterrupted run does."""
+    killed after its checkpoint but before last.ckpt, then at the milestone epoch, and resumed
+    each time, it reloads, restarts Adam and selects as an uninterrupted run does."""
     args = [*RESUMABLE, "recipe=paper", "trainer.max_epochs=3", "task.milestones=[1]"]
     ref, out = tmp_path / "ref", tmp_path / "run"
+    last = out / "checkpoints" / "last.ckpt"
     run_cli([*args, f"hydra.run.dir={ref}"], tmp_path)
-    kill = fault("KillAt", epoch=1, batch=0)
-    proc = run_cli([*args, f"hydra.run.dir={out}", *kill], tmp_path, check=False)
-    assert proc.returncode == -signal.SIGKILL
-    run_cli(
-        [*args, f"hydra.run.dir={out}", f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}"], tmp_path
-    )
+    kills = [
+        fault("KillDuringWrite", epoch=0, name="best-train-loss.ckpt", phase="done"),
+        fault("KillAt", epoch=1, batch=0),
+    ]
+    for kill in kills:
+        resume = [f"ckpt_path={last}"] if last.exists() else []
+        proc = run_cli([*args, f"hydra.run.dir={out}", *resume, *kill], tmp_path, check=False)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    run_cli([*args, f"hydra.run.dir={out}", f"ckpt_path={last}"], tmp_path)
     got, want = results(out), results(ref)
-    assert same(got, want) and got["tested_ckpt"].endswith("best-train-loss.ckpt")
+    assert same(got, want) and got["tested_ckpt"] == str(out / "checkpoints/best-train-loss.ckpt")
 
 
 def test_sigterm_writes_interrupted_results_with_the_exact_resume_command(reference, tmp_path):
