@@ -13,6 +13,7 @@ import netrc
 import os
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import hydra
@@ -234,22 +235,23 @@ def orphan_dirs(datamodule) -> list[Path]:
     return dirs
 
 
-def interrupted(cfg: DictConfig, stop: runner.SignalStop, start: float) -> dict:
+def interrupted(cfg: DictConfig, stop: runner.SignalStop, start: float, lock) -> dict:
     """results.json of a run stopped by a signal: epochs saved and the command that resumes."""
     hc = HydraConfig.get()
-    out_dir = Path(hc.runtime.output_dir)
     last = runner.existing(last_checkpoint(cfg))
-    resume = None
-    if last is not None and cfg.train:
-        resume = runner.resume_command(
-            hc.runtime.cwd,
-            sys.executable,
-            sys.argv[0],
-            list(hc.overrides.task),
-            out_dir,
-            last,
-            hc.job.config_name,
-        )
+    if last is not None and lock is not None and Path(last).stat().st_mtime < lock.mtime:
+        last = None  # an older run's file (same filesystem clock as the lock taken at start)
+    if cfg.ckpt_path is not None and last is None and cfg.train:
+        last = runner.existing(cfg.ckpt_path)  # stopped before its first checkpoint
+    resume = runner.resume_command(
+        hc.runtime.cwd,
+        sys.executable,
+        sys.argv[0],
+        list(hc.overrides.task),
+        hc.runtime.output_dir,
+        last if cfg.train else None,
+        hc.job.config_name,
+    )
     return runner.summary(
         run_info(cfg),
         status="interrupted",
@@ -282,8 +284,9 @@ def sweep_jobs() -> list[list[str]] | None:
     """The overrides of every job of this sweep, as Hydra's basic sweeper splits them (None
     with another sweeper)."""
     hc = HydraConfig.get()
-    if not str(hc.sweeper.get("_target_", "")).endswith("BasicSweeper"):
-        return None
+    basic = str(hc.sweeper.get("_target_", "")).endswith("BasicSweeper")
+    if not basic or not str(hc.launcher.get("_target_", "")).endswith("BasicLauncher"):
+        return None  # another sweeper, or jobs run in parallel
     try:
         from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
         from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -356,13 +359,15 @@ def main(cfg: DictConfig) -> float | None:
     try:
         check_config(OmegaConf.to_container(cfg, resolve=True))
         # one run per run dir (rank 0 holds the lock; the other DDP processes share the dir)
-        with runner.RunLock(out_dir) if rank0 else _nothing(), runner.SignalStop() as stop:
+        lock = runner.RunLock(out_dir) if rank0 else None
+        with lock or nullcontext(), runner.SignalStop() as stop:
             try:
                 summary = train_and_test(cfg, stop)
             except BaseException:
                 if stop.signum is None:
                     raise
-                summary = interrupted(cfg, stop, start)
+                summary = interrupted(cfg, stop, start, lock)
+            stop.quiet = True  # the work is done: a signal now waits until results.json is written
             if rank0:  # one results.json per run, also under DDP
                 write_results(out_dir, summary)
     except (ValueError, InstantiationException, FileNotFoundError) as err:
@@ -374,11 +379,15 @@ def main(cfg: DictConfig) -> float | None:
         fail(str(err), code=3)
     finish_wandb()
     if summary["status"] == "interrupted":  # also stops a -m sweep: say which jobs did not run
+        message = f"{summary['error']} after {summary['epoch']} saved epoch(s)"
         if stop.requeue and rank0 and runner.requeue_slurm_job():
-            summary["error"] += "; the SLURM job is requeued and resumes from last.ckpt"
-        resume = f"; resume with: {summary['resume']}" if summary["resume"] else ""
-        message = f"{summary['error']} after {summary['epoch']} saved epoch(s){resume}"
+            message += "; the SLURM job is requeued and resumes from last.ckpt"
+        elif summary["resume"]:
+            message += f"; resume with: {summary['resume']}"
         fail(message + skipped_jobs(), code=stop.exit_code)
+    if stop.signum is not None:  # arrived as this job ended: its results stand, a sweep stops
+        print(f"error: {stop.name} received as the run ended{skipped_jobs()}", file=sys.stderr)
+        sys.exit(stop.exit_code)
     if summary["status"] != "ok":
         message = f"{summary['error']} (results.json: {out_dir}/results.json)"
         if HydraConfig.get().mode == RunMode.MULTIRUN:  # the sweep's other jobs still run
@@ -398,14 +407,6 @@ def write_results(out_dir: Path, summary: dict) -> None:
         if summary["status"] == "ok":
             raise
         log.error("%s", err)
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return None
 
 
 def finish_wandb() -> None:

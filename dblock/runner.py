@@ -202,6 +202,7 @@ class RunLock:
     def __init__(self, run_dir: str | Path) -> None:
         self.path = Path(run_dir) / self.NAME
         self.held = False
+        self.mtime = 0.0  # when it was taken, by the run dir's filesystem clock
 
     def _owner(self) -> dict:
         try:
@@ -237,7 +238,7 @@ class RunLock:
                 continue
             with os.fdopen(fd, "w") as f:
                 f.write(me)
-            self.held = True
+            self.held, self.mtime = True, self.path.stat().st_mtime
             return
         raise ConfigError(self._in_use("another process"))
 
@@ -286,6 +287,7 @@ class SignalStop:
     def __init__(self) -> None:
         self.signum: int | None = None
         self.requeue_signal: int | None = None
+        self.quiet = False  # True: only record signals (the run's work is done)
         self._previous: dict[int, object] = {}
 
     @property
@@ -317,6 +319,8 @@ class SignalStop:
                 raise KeyboardInterrupt  # a second Ctrl+C: stop now
             return
         self.signum = signum
+        if self.quiet:
+            return
         log.warning("received %s: stopping at the next batch boundary", signal.Signals(signum).name)
         if signal.getsignal(signal.SIGTERM) == self._handle:  # Lightning's loops are not running
             raise Interrupted(signum)
@@ -524,18 +528,17 @@ def resume_command(
     script: str | Path,
     overrides: Sequence[str],
     run_dir: str | Path,
-    ckpt: str | Path,
+    ckpt: str | Path | None,
     config_name: str | None = None,
 ) -> str:
-    """The shell command that resumes this run from ``ckpt`` into the same ``run_dir``."""
-    drop = ("ckpt_path=", "hydra.run.dir=", "+ckpt_path=", "++ckpt_path=")
-    kept = [o for o in overrides if not o.startswith(drop)]
+    """The shell command that reruns this run into the same ``run_dir``: from ``ckpt`` (which
+    replaces any ``ckpt_path`` override) or, when None, with the overrides as they were."""
+    drop = ("hydra.run.dir=",) + (("ckpt_path=", "+ckpt_path=", "++ckpt_path=") if ckpt else ())
     args = [python, os.path.abspath(os.path.join(cwd, script))]
     if config_name and config_name != "config":
         args.append(f"--config-name={config_name}")
-    args += [
-        *kept,
-        f"hydra.run.dir={os.path.abspath(run_dir)}",
-        f"ckpt_path={os.path.abspath(ckpt)}",
-    ]
+    args += [o for o in overrides if not o.startswith(drop)]
+    args.append(f"hydra.run.dir={os.path.abspath(os.path.join(cwd, run_dir))}")
+    if ckpt:
+        args.append(f"ckpt_path={os.path.abspath(os.path.join(cwd, ckpt))}")
     return f"cd {shlex.quote(str(cwd))} && {shlex.join(args)}"

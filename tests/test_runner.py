@@ -200,9 +200,13 @@ def test_resume_command_quotes_and_replaces_paths():
         "/usr/bin/python",
         "/w d/run.py",
         "task.milestones=[1]",
-        f"hydra.run.dir={os.path.abspath('o')}",
-        f"ckpt_path={os.path.abspath('o/l')}",
+        "hydra.run.dir=/w d/o",
+        "ckpt_path=/w d/o/l",
     ]
+    again = runner.resume_command(
+        "/w", "py", "/r/run.py", ["ckpt_path=x", "train=false"], "o", None
+    )
+    assert again == "cd /w && py /r/run.py ckpt_path=x train=false hydra.run.dir=/w/o"
 
 
 def test_last_checkpoint_is_written_after_the_monitored_ones():
