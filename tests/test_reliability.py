@@ -399,7 +399,9 @@ def test_bad_checkpoints_are_clear_errors(reference, tmp_path):
         tmp_path,
         check=False,
     )
-    assert wrong.returncode == 2 and "does not fit this config" in wrong.stderr
+    assert wrong.returncode == 2 and "model.n_hidden=16, this run has model.n_hidden=32" in (
+        wrong.stderr
+    )
 
 
 @pytest.mark.parametrize(
