@@ -23,7 +23,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from dblock import runner
+from dblock import files, runner
 from dblock.config_check import ConfigError, check_config, check_data_dir, check_selection
 from dblock.task import NonFiniteError, order_checkpoints
 
@@ -169,7 +169,7 @@ def watch_requeue(trainer, stop: runner.SignalStop) -> None:
 def train_and_test(cfg: DictConfig, stop: runner.SignalStop) -> dict:
     start = time.perf_counter()
     datamodule, task, trainer = build(cfg)
-    runner.remove_orphans(orphan_dirs(datamodule))
+    files.remove_orphans(orphan_dirs(datamodule))
     watch_requeue(trainer, stop)
     ckpt_path = requeued_resume(cfg, trainer)
     ckpt = load_checkpoint(ckpt_path, task, cfg.train) if ckpt_path is not None else None
@@ -188,7 +188,7 @@ def train_and_test(cfg: DictConfig, stop: runner.SignalStop) -> dict:
         )
     try:
         trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    except (NonFiniteError, runner.DiskFullError) as err:
+    except (NonFiniteError, files.DiskFullError) as err:
         return runner.summary(
             info,
             status="failed",
@@ -359,7 +359,7 @@ def main(cfg: DictConfig) -> float | None:
     try:
         check_config(OmegaConf.to_container(cfg, resolve=True))
         # one run per run dir (rank 0 holds the lock; the other DDP processes share the dir)
-        lock = runner.RunLock(out_dir) if rank0 else None
+        lock = files.RunLock(out_dir) if rank0 else None
         with lock or nullcontext(), runner.SignalStop() as stop:
             try:
                 summary = train_and_test(cfg, stop)
@@ -375,7 +375,7 @@ def main(cfg: DictConfig) -> float | None:
         while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
             cause = cause.__cause__
         fail(str(cause))
-    except runner.DiskFullError as err:
+    except files.DiskFullError as err:
         fail(str(err), code=3)
     finish_wandb()
     if summary["status"] == "interrupted":  # also stops a -m sweep: say which jobs did not run
@@ -402,8 +402,8 @@ def main(cfg: DictConfig) -> float | None:
 def write_results(out_dir: Path, summary: dict) -> None:
     """results.json, atomically; a full disk here still reports the run's own status."""
     try:
-        runner.write_json(out_dir / "results.json", summary)
-    except runner.DiskFullError as err:
+        files.write_json(out_dir / "results.json", summary)
+    except files.DiskFullError as err:
         if summary["status"] == "ok":
             raise
         log.error("%s", err)

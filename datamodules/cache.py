@@ -7,7 +7,7 @@ the source files' identity (absolute path, size, modification time in ns), ``dt`
 stale entry is never read. Each split keeps its ``KEEP`` most recently used entries (a sweep over
 dt or T does not rebuild every time); older ones are deleted when a new one is written.
 
-Entries are written atomically (``dblock.runner.atomic_path``) and carry a checksum of their
+Entries are written atomically (``dblock.files.atomic_path``) and carry a checksum of their
 arrays: the meta record, written last, holds the CRC-32 of every array member of the ``.npz``
 (zip) file. ``np.load`` already verifies each member's bytes against the CRC-32 in the zip
 directory as it reads them, so comparing those directory CRCs with the recorded ones costs no
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from datamodules.events import EventStore
-from dblock.runner import atomic_path, remove_orphans
+from dblock.files import atomic_path, remove_orphans
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dblock.runner import atomic_path
+from dblock.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +288,7 @@ def write_h5(
 ) -> None:
     """Write events in the SHD HDF5 layout: vlen float16 times (s), vlen uint16 units.
 
-    The file appears atomically (``dblock.runner.atomic_path``), with ``attrs`` on its root.
+    The file appears atomically (``dblock.files.atomic_path``), with ``attrs`` on its root.
     """
     path = Path(path)
     # one temp file per process (parallel jobs) beside the target, fsynced, then renamed;

@@ -18,7 +18,7 @@ from torch.nn import functional as F
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from dblock.runner import atomic_write
+from dblock.files import atomic_write
 
 STAGES = ("train", "val", "test")
 log = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ class SNNTask(pl.LightningModule):
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints written atomically in their own directory (``dblock.runner.atomic_write``).
+    """Checkpoints written atomically in their own directory (``dblock.files.atomic_write``).
 
     Lightning's default stages the file in ``$TMPDIR`` and, when that is another filesystem (a
     local ``$TMPDIR`` with the run dir on NFS or Lustre, or a tmpfs), falls back to truncating the

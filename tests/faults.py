@@ -231,6 +231,13 @@ class FullDisk(pl.Callback):
             self.armed = True
 
 
+def fault(target: str, key: str = "fault", **params) -> list[str]:
+    """Hydra overrides that add the callback ``tests.faults.<target>(**params)``."""
+    return [f"+callbacks.{key}._target_=tests.faults.{target}"] + [
+        f"+callbacks.{key}.{k}={v}" for k, v in params.items()
+    ]
+
+
 # --- run.py in a forked process -------------------------------------------------------------
 
 PRELOAD = ["torch", "pytorch_lightning", "hydra", "omegaconf", "h5py", "torchmetrics"]
@@ -301,3 +308,16 @@ def run_cli(args, tmp_path, check=True, env=None, timeout=600, cwd=None):
     if check:
         assert done.returncode == 0, done.stderr[-3000:]
     return done
+
+
+_references: dict[tuple, Path] = {}
+
+
+def reference_run(tmp_path_factory, args: list[str]) -> Path:
+    """The run dir of one uninterrupted ``run.py ARGS``, run once per session and shared."""
+    key = tuple(args)
+    if key not in _references:
+        tmp = tmp_path_factory.mktemp("reference")
+        run_cli([*args, f"hydra.run.dir={tmp / 'run'}"], tmp)
+        _references[key] = tmp / "run"
+    return _references[key]

@@ -22,7 +22,7 @@ import torch
 from datamodules import cache
 from datamodules.cache import cached_store
 from datamodules.events import DataError, EventStore, write_h5
-from dblock import runner
+from dblock import files, runner
 from dblock.config_check import ConfigError
 from dblock.task import AtomicCheckpointIO, order_checkpoints
 
@@ -49,7 +49,7 @@ def test_atomic_write_stages_beside_the_target_not_in_tmpdir(tmp_path, monkeypat
         seen.append(Path(f.name))
         f.write(b"new")
 
-    runner.atomic_write(target, write)
+    files.atomic_write(target, write)
     assert target.read_bytes() == b"new" and not list(staging.iterdir())
     assert seen[0].parent == target.parent and seen[0].name.endswith(".tmp")
     assert not seen[0].exists()
@@ -74,8 +74,8 @@ def test_full_disk_is_one_message_naming_the_path_and_free_space(tmp_path):
         f.write(b"partial")
         no_space()
 
-    with pytest.raises(runner.DiskFullError) as info:
-        runner.atomic_write(target, write)
+    with pytest.raises(files.DiskFullError) as info:
+        files.atomic_write(target, write)
     message = str(info.value)
     assert message.startswith(f"no space left on the device writing {target} (")
     assert " free there)" in message and "\n" not in message
@@ -93,30 +93,30 @@ def test_write_h5_failure_leaves_no_temp_file(tmp_path):
 def test_orphan_temp_files_of_dead_writers_are_removed(tmp_path):
     dead, alive = dead_pid(), os.getppid()
     keep = [
-        tmp_path / f"a.h5.{alive}@{runner.HOST}.tmp",  # a live writer on this host
+        tmp_path / f"a.h5.{alive}@{files.HOST}.tmp",  # a live writer on this host
         tmp_path / f"b.npz.{dead}@another-node.tmp",  # a writer on another host: unknowable
         tmp_path / "notes.tmp",  # not a writer's temp file
     ]
-    gone = [tmp_path / f"c.ckpt.{dead}@{runner.HOST}.tmp", tmp_path / f"d.h5.{dead}.tmp"]
+    gone = [tmp_path / f"c.ckpt.{dead}@{files.HOST}.tmp", tmp_path / f"d.h5.{dead}.tmp"]
     for p in keep + gone:
         p.write_text("x")
-    assert sorted(runner.remove_orphans([tmp_path, tmp_path / "missing"])) == sorted(gone)
+    assert sorted(files.remove_orphans([tmp_path, tmp_path / "missing"])) == sorted(gone)
     assert all(p.exists() for p in keep) and not any(p.exists() for p in gone)
 
 
 def test_run_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path, caplog):
     lock = tmp_path / ".lock"
-    with runner.RunLock(tmp_path):
-        assert json.loads(lock.read_text()) == {"pid": os.getpid(), "host": runner.HOST}
+    with files.RunLock(tmp_path):
+        assert json.loads(lock.read_text()) == {"pid": os.getpid(), "host": files.HOST}
         with pytest.raises(ConfigError, match=f"in use by pid {os.getpid()}"):
-            runner.RunLock(tmp_path).acquire()
+            files.RunLock(tmp_path).acquire()
     assert not lock.exists()
     lock.write_text(json.dumps({"pid": 12, "host": "another-node"}))
     with pytest.raises(ConfigError, match="in use by pid 12 on host another-node"):
-        runner.RunLock(tmp_path).acquire()
+        files.RunLock(tmp_path).acquire()
     dead = dead_pid()
-    lock.write_text(json.dumps({"pid": dead, "host": runner.HOST}))
-    with caplog.at_level(logging.WARNING), runner.RunLock(tmp_path):
+    lock.write_text(json.dumps({"pid": dead, "host": files.HOST}))
+    with caplog.at_level(logging.WARNING), files.RunLock(tmp_path):
         assert json.loads(lock.read_text())["pid"] == os.getpid()
     assert f"locked by pid {dead}, which is gone; taking it over" in caplog.text
     assert not lock.exists() and not list(tmp_path.iterdir())
