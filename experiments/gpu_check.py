@@ -47,6 +47,7 @@ from torch.nn import functional as TF
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from dblock.files import atomic_write  # noqa: E402
 from dblock.models import SNNClassifier  # noqa: E402
 from experiments.bench_impls import PEERS, Unavailable, build  # noqa: E402
 from experiments.bench_speed import (  # noqa: E402
@@ -312,16 +313,6 @@ def shd_step(sizes: Sizes, device: str) -> list[dict]:
 # --- output --------------------------------------------------------------------------------
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder (fsync, rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def markdown(rows: list[dict], header: str) -> str:
     parts = [header]
     for section in SECTIONS:
@@ -342,8 +333,8 @@ def write(rows: list[dict], out: Path, header: str) -> tuple[Path, Path]:
     writer.writeheader()
     writer.writerows({c: ("" if r.get(c) is None else r.get(c)) for c in COLUMNS} for r in rows)
     csv_path, md_path = out / "gpu_check.csv", out / "gpu_check.md"
-    write_atomic(csv_path, buf.getvalue())
-    write_atomic(md_path, markdown(rows, header))
+    for path, text in ((csv_path, buf.getvalue()), (md_path, markdown(rows, header))):
+        atomic_write(path, lambda f, text=text: f.write(text.encode()))
     return csv_path, md_path
 
 
