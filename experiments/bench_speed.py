@@ -9,9 +9,12 @@ time-major input), dblock's d-block layer for each d, dblock's standard layer, t
 ".[bench]"``). Scopes: whole layer (x -> spikes), neurons only (current -> spikes), and, at the
 SHD point, the whole training step (``experiments/bench_step.py``: the batch build by the SHD
 datamodule, the floor on that batch, then model + loss + Adam for d-block and standard). Also
-the peak memory of one call. Rows are appended to a CSV as each point finishes; rows already
-there are skipped (resumable). glibc's allocator is tuned as ``run.py`` tunes it
-(``dblock/runtime.py``) unless ``--default-malloc``.
+the peak memory of one call, and the ATen ops one call issues (``aten_ops``, a proxy for GPU
+launches; ``dblock`` runs the kernel ``auto`` picks for the device, ``dblock_loop`` /
+``dblock_chunked`` name one, e.g. ``--impls dblock_chunked`` on the CPU counts the ops of the
+GPU's kernel). Rows are appended to a CSV as each point finishes; rows already there are
+skipped (resumable). glibc's allocator is tuned as ``run.py`` tunes it (``dblock/runtime.py``)
+unless ``--default-malloc``.
 
     python experiments/bench_speed.py --grid full --out outputs/bench_speed.csv
     python experiments/bench_speed.py --panels shd --d 10 --rounds 7 --out outputs/shd.csv
@@ -36,11 +39,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dblock.runtime import tune_allocator  # noqa: E402
-from experiments.bench_impls import PEERS, Unavailable, build  # noqa: E402
+from experiments.bench_impls import DBLOCK_KERNELS, PEERS, Unavailable, build  # noqa: E402
 from experiments.bench_step import StepPoint  # noqa: E402
 
 log = logging.getLogger("bench_speed")
-COLUMNS = "panel,mode,impl,scope,d,t_len,n_hidden,n_in,batch,device,time_ms,peak_mem_mb".split(",")
+COLUMNS = (
+    "panel,mode,impl,scope,d,t_len,n_hidden,n_in,batch,device,time_ms,peak_mem_mb,aten_ops"
+).split(",")
 KEY = COLUMNS[:10]
 D_VALUES = (5, 10, 15, 20, 25, 30)
 GRIDS = {  # panel -> (mode, [(t_len, n_hidden)], n_in)
@@ -110,6 +115,21 @@ def peak_memory_mb(go: Callable[[], None], device: str) -> float:
     return peak / 2**20
 
 
+def aten_ops_of(go: Callable[[], None]) -> int:
+    """ATen ops one call of ``go`` issues: the leaf ``aten::`` events the torch profiler records
+    on the host (a proxy for GPU kernel launches). Call after a warm-up."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        go()
+    return sum(1 for e in prof.events() if not e.cpu_children and e.name.startswith("aten::"))
+
+
+def count_aten_ops(fn, arg: torch.Tensor, params: list[torch.Tensor]) -> int:
+    """ATen ops one forward + backward of ``fn(arg).sum()`` issues (see ``aten_ops_of``)."""
+    return aten_ops_of(partial(run_once, fn, arg, params))
+
+
 def point_cases(args, mode: str, n_in: int, n: int, t_len: int, panel: str) -> list[tuple]:
     """(impl, scope, d) triples to time at one grid point. The step scope (a whole training step
     on batches from the real datamodule) exists at the SHD point only; its cases start with the
@@ -120,10 +140,10 @@ def point_cases(args, mode: str, n_in: int, n: int, t_len: int, panel: str) -> l
         if scope == "step":
             if panel == "shd":
                 cases += [("data", "step", None), ("floor", "step", None)]
-                cases += [("dblock", "step", d) for d in d_values]
-                cases += [("standard", "step", None)] if "standard" in args.impls else []
+                cases += [(impl, "step", d) for impl in DBLOCK_KERNELS for d in d_values]
+                cases += [("standard", "step", None)]
             continue
-        cases += [("dblock", scope, d) for d in d_values]
+        cases += [(impl, scope, d) for impl in DBLOCK_KERNELS for d in d_values]
         cases += [(impl, scope, None) for impl in ("standard", "paper_style") if impl in args.impls]
         cases += [(p, scope, None) for p in PEERS if p in args.impls]
     return [c for c in cases if c[0] in ("floor", "data") or c[0] in args.impls]
@@ -178,22 +198,29 @@ def measure_point(args, panel: str, mode: str, n_in: int, n: int, t_len: int, do
             log.warning("skipping %s (%s, %s): %s: %s", impl, scope, mode, type(err).__name__, err)
             continue
         runners.append((case, go))
-    times = {case: [] for case, _ in runners}
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    for _ in range(args.rounds):  # interleaved: one call of each case per round
-        for case, go in runners:
-            sync(device)
-            start = clock()
-            go()
-            sync(device)
-            times[case].append(clock() - start)
+    times = interleaved_medians(dict(runners), args.rounds, device, args.clock)
     rows = []
     for case, go in runners:
         impl, scope, d = case
         mem = peak_memory_mb(go, device) if args.memory else float("nan")
-        ms = statistics.median(times[case]) * 1e3
-        rows.append(base + [impl, scope, d or ""] + key_tail + [f"{ms:.3f}", f"{mem:.2f}"])
+        ops = aten_ops_of(go)
+        ms = times[case] * 1e3
+        rows.append(base + [impl, scope, d or ""] + key_tail + [f"{ms:.3f}", f"{mem:.2f}", ops])
     return rows
+
+
+def interleaved_medians(calls: dict, rounds: int, device: str, clock: str = "wall") -> dict:
+    """Median seconds of each call, timed in interleaved rounds (one call of each per round)."""
+    timer = time.process_time if clock == "cpu" else time.perf_counter
+    times = {key: [] for key in calls}
+    for _ in range(rounds):
+        for key, call in calls.items():
+            sync(device)
+            start = timer()
+            call()
+            sync(device)
+            times[key].append(timer() - start)
+    return {key: statistics.median(t) for key, t in times.items()}
 
 
 def sync(device: str) -> None:
@@ -202,11 +229,17 @@ def sync(device: str) -> None:
 
 
 def read_done(path: Path) -> set:
-    """Keys of the rows already in the CSV."""
+    """Keys of the rows already in the CSV; ``SystemExit`` if it has other columns."""
     if not path.exists():
         return set()
     with path.open() as f:
-        return {tuple(row[k] for k in KEY) for row in csv.DictReader(f)}
+        reader = csv.DictReader(f)
+        if reader.fieldnames and reader.fieldnames != COLUMNS:
+            raise SystemExit(
+                f"error: {path} has the columns of another version of this benchmark "
+                f"({','.join(reader.fieldnames)}); write to a new file with --out"
+            )
+        return {tuple(row[k] for k in KEY) for row in reader}
 
 
 def grid_points(args) -> list[tuple]:

@@ -7,8 +7,9 @@ them through ``SHDDataModule`` and times, in each round, on one fresh batch:
 - ``data``: the batch build, ``SHDDataModule.on_after_batch_transfer`` on a batch of sample
   indices, exactly as Lightning hands it over;
 - ``floor``: ``nn.Linear(n_in, n)`` forward + backward on that (contiguous, time-major) batch;
-- ``dblock`` (per d) and ``standard``: one hidden layer of n neurons and the readout
-  (``SNNClassifier``), cross-entropy, backward and an Adam step.
+- ``dblock`` (per d; ``dblock_loop`` / ``dblock_chunked`` name the kernel) and ``standard``: one
+  hidden layer of n neurons and the readout (``SNNClassifier``), cross-entropy, backward and an
+  Adam step.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch.nn import functional as F
 from datamodules.tonic_datasets import SHDDataModule
 from dblock.models import SNNClassifier
 from experiments.bench_data import generate_shd_like
+from experiments.bench_impls import DBLOCK_KERNELS
 
 N_CLASSES = 20
 SHD_EVENTS = 5000.0  # mean events per sample at the SHD size (700 inputs, T 500)
@@ -93,10 +95,11 @@ class StepPoint:
             n_hidden=self.n,
             n_layers=1,
             n_classes=N_CLASSES,
-            model=impl,
+            model="dblock" if impl in DBLOCK_KERNELS else impl,
             d=d or 1,
             recurrent=self.mode == "recurrent",
             t_len=self.t_len,
+            kernel=DBLOCK_KERNELS.get(impl, "auto"),
         ).to(self.device)
         optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
 

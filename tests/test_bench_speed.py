@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import csv
 
+import pytest
+
 from experiments import bench_speed, bench_summary
 
 
-def test_bench_speed_quick_writes_and_resumes(tmp_path):
+def test_bench_speed_quick_writes_and_resumes(tmp_path, capsys):
     out = tmp_path / "bench.csv"
     argv = [
         "--quick",
@@ -21,7 +23,7 @@ def test_bench_speed_quick_writes_and_resumes(tmp_path):
         "--out",
         str(out),
         "--impls",
-        "dblock,standard,paper_style",
+        "dblock,dblock_loop,dblock_chunked,standard,paper_style",
         "--data-dir",
         str(tmp_path / "data"),
         "--default-malloc",
@@ -40,12 +42,24 @@ def test_bench_speed_quick_writes_and_resumes(tmp_path):
     assert {r["panel"] for r in rows if r["scope"] == "step"} == {"shd"}
     assert {r["d"] for r in rows if r["scope"] == "step" and r["impl"] == "dblock"} == {"2", "4"}
     assert {r["d"] for r in rows if r["impl"] == "dblock"} == {"2", "4"}
-    assert all(r["d"] == "" for r in rows if r["impl"] != "dblock")
+    assert {r["d"] for r in rows if r["impl"] == "dblock_chunked"} == {"2", "4"}
+    assert all(r["d"] == "" for r in rows if not r["impl"].startswith("dblock"))
     assert all(float(r["time_ms"]) > 0 and float(r["peak_mem_mb"]) >= 0 for r in rows)
+    assert all(int(r["aten_ops"]) > 0 for r in rows)
     n_rows = len(rows)
+    bench_summary.main([str(out)])
+    summary = capsys.readouterr().out
+    assert "ops dblock" in summary and "chunked/loop layer" in summary
     bench_speed.main(argv)  # resumable: nothing left to do, no duplicate rows
     with out.open() as f:
         assert len(list(csv.DictReader(f))) == n_rows
     steps = bench_summary.step_table(bench_summary.load(str(out))).splitlines()
     assert len(steps) == 2 + 4  # header, rule, (feedforward, recurrent) x d in (2, 4)
     assert all(line.count("|") == steps[0].count("|") and " - |" not in line for line in steps)
+
+
+def test_bench_speed_refuses_a_csv_with_other_columns(tmp_path):
+    out = tmp_path / "old.csv"
+    out.write_text("panel,mode,impl,scope,d,t_len,n_hidden,n_in,batch,device,time_ms,peak_mem_mb\n")
+    with pytest.raises(SystemExit, match="another version"):
+        bench_speed.main(["--quick", "--out", str(out)])
