@@ -43,3 +43,23 @@ def test_tuned_allocator_reuses_pages_and_respects_the_users_setting():
     assert tuned and faults < 1000  # 64 MB of 4 KiB pages would be 16384 faults
     tuned, faults = probe(MALLOC_MMAP_MAX_="65536")  # the user's own setting (glibc's default)
     assert not tuned and faults > 10000
+
+
+def test_prepare_process_names_one_thread_only_when_the_cpu_is_busy(monkeypatch, caplog):
+    import torch
+
+    from dblock import runtime
+
+    monkeypatch.setattr(runtime, "tune_allocator", lambda: False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    for load, warned in ((0.3, False), (2.0, True), (7.5, True)):
+        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="dblock.runtime"):
+            runtime.prepare_process()
+        assert ("OMP_NUM_THREADS=1" in caplog.text) is warned
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # already one thread: nothing to say
+    caplog.clear()
+    runtime.prepare_process()
+    assert caplog.text == ""
