@@ -203,7 +203,9 @@ def measure_point(args, panel: str, mode: str, n_in: int, n: int, t_len: int, do
     for case, go in runners:
         impl, scope, d = case
         mem = peak_memory_mb(go, device) if args.memory else float("nan")
-        ops = aten_ops_of(go)
+        # the profiler's event list for the paper-style loop grows as T^2 (about 3 GB at T 200):
+        # its ops are not counted
+        ops = "" if impl == "paper_style" else aten_ops_of(go)
         ms = times[case] * 1e3
         rows.append(base + [impl, scope, d or ""] + key_tail + [f"{ms:.3f}", f"{mem:.2f}", ops])
     return rows
