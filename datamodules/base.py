@@ -3,7 +3,8 @@
 DataLoaders yield only sample indices (cheap, no worker processes, DDP-shardable by Lightning's
 distributed sampler); ``on_after_batch_transfer`` turns them into dense time-major (T, B, n_in)
 counts by scatter-add from the store held on the model's device, into memory reused from an
-earlier batch once nothing refers to that batch any more.
+earlier batch once nothing refers to that batch any more. Training on the CPU, the next batch
+is built in a background thread while the model trains on the current one (``prefetch``).
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from datamodules.batches import BatchBuffers
 from datamodules.cache import cached_store
 from datamodules.checks import DataError, check_dropped
-from datamodules.events import BatchBuffers, EventStore
+from datamodules.events import EventStore
 
 log = logging.getLogger(__name__)
 
