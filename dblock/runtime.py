@@ -7,8 +7,10 @@ step at the SHD shape allocates several (500, 128, 128) tensors (33 MB, 8 k page
 those faults again every step. Serving large blocks from the heap (``M_MMAP_MAX = 0``) and
 trimming its top only above 2 GiB of free memory (``M_TRIM_THRESHOLD``) lets later steps reuse
 pages already mapped; the process keeps its peak heap (plus some fragmentation) instead of
-handing it back between steps. The environment variables ``MALLOC_MMAP_MAX_=0
-MALLOC_TRIM_THRESHOLD_=...`` do the same; setting either yourself leaves the allocator to them.
+handing it back between steps. Measured on SHD (d-block, default threads): 13.9 s per epoch
+against 17.95 s, for 1.02 GB of peak memory against 0.90 GB. The environment variables
+``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...`` do the same; setting either yourself leaves
+the allocator to them.
 
 Threads. torch's OpenMP threads spin while they wait for each other. On a CPU that other jobs
 already keep busy, a waiting thread holds its core while the one it waits for is descheduled,
