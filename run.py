@@ -8,12 +8,17 @@ python run.py -m d=1,5 layers=1,2              # a sweep: one results.json per j
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import netrc
 import os
+import re
+import shutil
 import sys
+import tempfile
 import time
+from functools import cache
 from pathlib import Path
 
 import hydra
@@ -21,9 +26,16 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from dblock.config_check import ConfigError, check_config, check_data_dir, check_selection
+from dblock.config_check import (
+    ConfigError,
+    check_config,
+    check_data_dir,
+    check_keys,
+    check_selection,
+)
+from dblock.console import file_log, silence_library_noise
 from dblock.task import NonFiniteError
 
 log = logging.getLogger("dblock")
@@ -123,6 +135,7 @@ def results(cfg: DictConfig, test: dict, **extra) -> dict:
         "n_hidden": cfg.n_hidden,
         "recurrent": cfg.recurrent,
         "detach_recurrent": cfg.detach_recurrent,
+        "reduce": cfg.model.reduce,
         "dataset": HydraConfig.get().runtime.choices.get("dataset"),
         "seed": cfg.seed,
         "selection": f"{cfg.selection.monitor} ({cfg.selection.mode})",
@@ -201,16 +214,33 @@ def train_and_test(cfg: DictConfig, out_dir: Path) -> dict:
     )
 
 
-def one_line(summary: dict, out_dir: str) -> str:
+def one_line(summary: dict, out_dir: str, trained: bool = True) -> str:
+    """The run's result in one line: the network, the test metrics and what was trained."""
     d = f" d={summary['d']}" if summary["d"] is not None else ""
-    epoch_s = summary["train/epoch_time_s"]
+    net = f"{summary['model']}{d} layers={summary['layers']}"
+    if not summary["recurrent"]:
+        net += " feedforward"
+    elif summary["model"] == "dblock":  # the standard SNN always detaches (SPEC §2)
+        net += f" recurrent detach_recurrent={str(summary['detach_recurrent']).lower()}"
+    else:
+        net += " recurrent"
+    net = f"{net} reduce={summary['reduce']} on {summary['dataset']}"
+    if summary.get("smoke"):
+        return (
+            f"smoke run of {net}: one batch of train, val and test ran end to end; its numbers "
+            f"are not results (drop debug= for a real run) -> {out_dir}/results.json"
+        )
+    if trained:
+        epoch_s = summary["train/epoch_time_s"]
+        done = (
+            f"{epoch_s if epoch_s is not None else float('nan'):.2f} s/epoch, "
+            f"{summary['epoch']} epochs"
+        )
+    else:
+        done = f"evaluated {summary['tested_ckpt']} (trained {summary['tested_epoch']} epochs)"
     return (
-        f"{summary['model']}{d} layers={summary['layers']} "
-        f"{'recurrent' if summary['recurrent'] else 'feedforward'} on {summary['dataset']}: "
-        f"test acc {summary['test/acc']:.4f}, loss {summary['test/loss']:.4f}, "
-        f"{summary['test/spikes_per_sample']:.1f} spikes/sample, "
-        f"{epoch_s if epoch_s is not None else float('nan'):.2f} s/epoch, "
-        f"{summary['epoch']} epochs -> {out_dir}/results.json"
+        f"{net}: test acc {summary['test/acc']:.4f}, loss {summary['test/loss']:.4f}, "
+        f"{summary['test/spikes_per_sample']:.1f} spikes/sample, {done} -> {out_dir}/results.json"
     )
 
 
@@ -224,7 +254,7 @@ def check_choices(argv: list[str]) -> None:
             [a for a in argv if not a.startswith("-")]
         )
     except Exception:
-        return  # Hydra reports syntax errors itself
+        return  # preflight() reports syntax errors
     for override in overrides:
         group = override.key_or_group
         if group not in groups or override.is_delete() or override.package is not None:
@@ -242,26 +272,253 @@ def check_choices(argv: list[str]) -> None:
                 )
 
 
-def fail(message: str, code: int = 2) -> None:
+# --- checking every job's config before Hydra creates or prints anything -----------------------
+
+MULTIRUN_FLAGS = ("-m", "--multirun")
+SAFE_NAME = re.compile(r"[A-Za-z0-9+][A-Za-z0-9._,=+-]{0,199}")  # no /, no spaces, no quotes
+
+
+@cache
+def known_keys() -> tuple[frozenset[str], dict[str, frozenset[str]], dict[str, dict], set]:
+    """The keys conf/ defines: at the top level, and inside nodes without a ``_target_``.
+
+    Top level: config.yaml's keys, the groups that fill a key of their own name (model,
+    dataset, ...), and the keys that ``@package _global_`` files set (experiment/, recipe/ ...).
+    Inside a plain node (``selection``, ``paths``): the keys its files define. Nodes with a
+    ``_target_`` are checked against the target's arguments instead (config_check.check_keys);
+    the third item gives, per group, the keys each option's file defines (for the message);
+    the fourth names the groups whose entries are objects to create (callbacks, logger).
+    """
+    main = OmegaConf.to_container(OmegaConf.load(CONF / "config.yaml"))
+    top = {k for k in main if k != "defaults"}
+    plain = {k: set(v) for k, v in main.items() if isinstance(v, dict) and "_target_" not in v}
+    options: dict[str, dict] = {}
+    collections = set()
+    for group in (p for p in CONF.iterdir() if p.is_dir() and p.name != "hydra"):
+        for file in group.glob("*.yaml"):
+            node = OmegaConf.to_container(OmegaConf.load(file)) or {}
+            keys = {k for k in node if k not in ("defaults", "hydra")}
+            if re.search(r"^#\s*@package\s+_global_", file.read_text(), re.M):
+                top |= keys
+                continue
+            top.add(group.name)
+            entries = all(isinstance(v, dict | None) for v in node.values())  # callbacks, logger
+            if "_target_" in node or entries:
+                options.setdefault(group.name, {})[file.stem] = keys
+                if "_target_" not in node:
+                    collections.add(group.name)
+            else:
+                plain.setdefault(group.name, set()).update(keys)  # e.g. paths
+    return frozenset(top), {k: frozenset(v) for k, v in plain.items()}, options, collections
+
+
+def validate(cfg: DictConfig) -> dict:
+    """Check a job's config (without its ``hydra`` node): keys first, since a misspelt key
+    explains a wrong value; then the values. Returns the resolved config."""
+    check_keys(OmegaConf.to_container(cfg, resolve=False), *known_keys())
+    try:
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+    except Exception as err:  # a missing environment variable, a bad interpolation
+        raise ConfigError(f"the config cannot be resolved: {_first_line(err)}") from None
+    check_config(resolved)
+    return resolved
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).strip().split("\n\n")[0].splitlines()]
+    return " ".join(line for line in lines if line) or type(err).__name__
+
+
+def _key_of(line: str) -> str:
+    return line.split("=", 1)[0].lstrip("+~")
+
+
+def _compose(overrides: list[str]) -> DictConfig:
+    """Hydra's composition of ``overrides`` (with the ``hydra`` node); errors as ConfigError.
+
+    An override of a key the config lacks (``recurent=false``) is composed again as ``++`` so
+    that the key check can name the key it was meant to be; a key that exists but is not in
+    the config (``trainer.max_time``) needs ``+`` on the command line, as Hydra requires.
+    """
+    from hydra import compose
+    from hydra.errors import ConfigCompositionException
+
+    overrides, absent = list(overrides), []
+    for _ in range(len(overrides) + 1):
+        try:
+            cfg = compose("config", overrides=overrides, return_hydra_config=True)
+            break
+        except ConfigCompositionException as err:
+            key = getattr(err.__cause__, "full_key", None)
+            i = next(
+                (
+                    i
+                    for i, o in enumerate(overrides)
+                    if key is not None and f"{o.split('=', 1)[0]}.".startswith(f"{key}.")
+                ),
+                None,
+            )
+            if key is None or i is None:
+                raise ConfigError(_first_line(err)) from None
+            absent.append(overrides[i])
+            overrides[i] = f"++{overrides[i]}"
+        except Exception as err:  # a missing option file, a grammar error
+            raise ConfigError(_first_line(err)) from None
+    if absent:
+        # a misspelt key: did you mean ...; a real one: add it with +
+        check_keys(OmegaConf.to_container(_task(cfg), resolve=False), *known_keys())
+        raise ConfigError(f"{_key_of(absent[0])} is not in this config; add it with +{absent[0]}")
+    return cfg
+
+
+def _task(cfg: DictConfig) -> DictConfig:
+    """The job's config without its ``hydra`` node, as Hydra hands it to ``main``."""
+    task = copy.deepcopy(cfg)
+    with read_write(task), open_dict(task):
+        del task["hydra"]
+    return task
+
+
+def _check_job(cfg: DictConfig) -> None:
+    """Validate a composed job config, its ``${hydra:...}`` values filled in as for a run."""
+    with read_write(cfg.hydra), open_dict(cfg.hydra):
+        cfg.hydra.runtime.output_dir = str(Path.cwd() / "<run dir>")
+    HydraConfig.instance().set_config(cfg)
+    validate(_task(cfg))
+
+
+def preflight(argv: list[str]) -> list[str]:
+    """Compose and check every job's config as Hydra will, before it creates or prints anything.
+
+    A plain ``-m`` sweep (Hydra's basic sweeper) is expanded as the sweeper does, and each job
+    is checked: a bad value stops the whole sweep before its first job. Returns Hydra overrides
+    to append: each job folder named by the values it sweeps (``d=1,layers=2``), when those
+    names are safe and unique and no config sets ``hydra.sweep.subdir`` itself.
+    """
+    from hydra import initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if any(a.startswith("-") and a not in MULTIRUN_FLAGS for a in argv):
+        return []  # --help, --cfg, -cn ...: Hydra's own modes
+    multirun = any(a in MULTIRUN_FLAGS for a in argv)
+    args = [a for a in argv if a not in MULTIRUN_FLAGS]
+    parser = OverridesParser.create()
+    try:
+        overrides = parser.parse_overrides(args)
+    except Exception as err:
+        raise ConfigError(f"cannot read the overrides: {_first_line(err)}") from None
+    hydra_args = [o.input_line for o in overrides if o.is_hydra_override()]
+    task = [o for o in overrides if not o.is_hydra_override()]
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        if not multirun:
+            _check_job(_compose(args))
+            return []
+        first = [  # the master config: each sweep at its first value
+            f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}"
+            if o.is_sweep_override() and o.is_discrete_sweep()
+            else o.input_line
+            for o in task
+            if not o.is_sweep_override() or o.is_discrete_sweep()
+        ]
+        master = _compose(hydra_args + first)
+        if not master.hydra.sweeper._target_.endswith(".BasicSweeper"):
+            _check_job(master)  # the sweeper chooses the values: each job is checked as it starts
+            return []
+        params = [f"{k}={v}" for k, v in (master.hydra.sweeper.params or {}).items()]
+        every = parser.parse_overrides(params + [o.input_line for o in task])
+        swept: dict[str, tuple[str, int]] = {}
+        for o in every:  # as BasicSweeper.split_arguments: a later override of a key wins
+            n = len(list(o.sweep_string_iterator())) if o.is_sweep_override() else 1
+            swept[o.get_key_element()] = (o.key_or_group, n)
+        own = ("hydra.sweep.subdir", "hydra.job.config.override_dirname.exclude_keys")
+        subdir = OmegaConf.to_container(master.hydra.sweep)["subdir"]
+        named = subdir == "${hydra.job.num}" and not any(_key_of(a) in own for a in hydra_args)
+        shared = sorted({key for key, n in swept.values() if n == 1})
+        extra = [f"hydra.job.config.override_dirname.exclude_keys=[{','.join(map(repr, shared))}]"]
+        names = []
+        for job in BasicSweeper.split_arguments(every, None)[0]:
+            cfg = _compose(hydra_args + (extra if named else []) + job)
+            names.append(cfg.hydra.job.override_dirname)
+            _check_job(cfg)
+    if named and len(set(names)) == len(names) and all(map(SAFE_NAME.fullmatch, names)):
+        return [*extra, "hydra.sweep.subdir=${hydra.job.override_dirname}"]
+    return []
+
+
+def fail(message: str, code: int = 2, out_dir: Path | None = None) -> None:
+    """``error: message`` on stderr (and in the run's log file when the run keeps its folder),
+    then exit with ``code``."""
     print(f"error: {message}", file=sys.stderr)
+    if out_dir is not None and out_dir.is_dir():
+        file_log.error(message)
     sys.exit(code)
+
+
+def fresh(out_dir: Path) -> bool:
+    """Does ``out_dir`` hold only what Hydra made for this job: ``.hydra/`` and an empty log?"""
+    return all(
+        (p.name == ".hydra" and p.is_dir()) or (p.suffix == ".log" and p.stat().st_size == 0)
+        for p in out_dir.iterdir()
+    )
+
+
+def refuse(message: str, out_dir: Path, was_fresh: bool) -> None:
+    """Stop with exit code 2; a run folder made for this job that holds no checkpoint goes."""
+    checkpoints = out_dir / "checkpoints"
+    if (
+        was_fresh
+        and not (checkpoints.is_dir() and any(checkpoints.iterdir()))
+        and out_dir not in (Path.cwd(), *Path.cwd().parents)
+    ):
+        shutil.rmtree(out_dir, ignore_errors=True)
+    fail(message, out_dir=out_dir)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a synced temporary file in the same folder."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-    if rank_zero_only.rank == 0:
-        print(OmegaConf.to_yaml(cfg, resolve=True))
+    silence_library_noise()
     out_dir = Path(HydraConfig.get().runtime.output_dir)
+    was_fresh = fresh(out_dir)
     try:
-        check_config(OmegaConf.to_container(cfg, resolve=True))
+        resolved = validate(cfg)
+    except ConfigError as err:
+        refuse(str(err), out_dir, was_fresh)
+    verbose = bool(cfg.get("verbose", False))
+    if verbose:
+        logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.INFO)
+    if rank_zero_only.rank == 0:
+        text = OmegaConf.to_yaml(resolved)
+        write_atomic(out_dir / "config.yaml", text)
+        if verbose:
+            print(text)
+    try:
         summary = train_and_test(cfg, out_dir)
     except (ValueError, InstantiationException, FileNotFoundError) as err:
         cause = err
         while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
             cause = cause.__cause__
-        fail(str(cause))
+        refuse(str(cause), out_dir, was_fresh)
+    except Exception as err:  # a crash: Hydra prints the traceback, the run's log keeps a line
+        file_log.error("%s: %s", type(err).__name__, _first_line(err))
+        raise
+    summary["smoke"] = bool(cfg.trainer.get("fast_dev_run"))
     if rank_zero_only.rank == 0:  # one results.json per run, also under DDP
         (out_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     finish_wandb()
@@ -269,10 +526,13 @@ def main(cfg: DictConfig) -> float | None:
         message = f"{summary['error']} (results.json: {out_dir}/results.json)"
         if HydraConfig.get().mode == RunMode.MULTIRUN:  # the sweep's other jobs still run
             print(f"error: {message}", file=sys.stderr)
+            file_log.error(message)
             return None
-        fail(message, code=3)
+        fail(message, code=3, out_dir=out_dir)
     if rank_zero_only.rank == 0:
-        print(one_line(summary, str(out_dir)))
+        line = one_line(summary, str(out_dir), trained=cfg.train)
+        print(line)
+        file_log.info(line)
     return summary.get(cfg.objective)  # what a sweeper such as Optuna optimises
 
 
@@ -284,8 +544,9 @@ def finish_wandb() -> None:
 
 
 if __name__ == "__main__":
-    try:
+    try:  # every error in the settings before Hydra creates a folder or prints a line
         check_choices(sys.argv[1:])
+        sys.argv += preflight(sys.argv[1:])
     except ConfigError as err:
         fail(str(err))
     main()

@@ -286,7 +286,8 @@ def test_non_finite_job_does_not_stop_a_sweep(tmp_path):
     fault = ["+callbacks.fault._target_=tests.faults.PoisonAt", "+callbacks.fault.epoch=0,5"]
     proc = run(["-m", *TINY, "trainer.max_epochs=1", f"hydra.sweep.dir={sweep}", *fault], tmp_path)
     assert "error: non-finite training loss in epoch 0" in proc.stderr
-    status = [json.loads((sweep / str(i) / "results.json").read_text())["status"] for i in (0, 1)]
+    jobs = [sweep / f"+callbacks.fault.epoch={e}" for e in (0, 5)]  # named by what they sweep
+    status = [json.loads((job / "results.json").read_text())["status"] for job in jobs]
     assert status == ["failed", "ok"]
 
 
