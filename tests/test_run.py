@@ -317,3 +317,38 @@ def test_smoke_run_is_not_a_result_and_verbose_shows_the_config(tmp_path):
     assert last.startswith("smoke run of dblock d=10") and "test acc" not in last
     assert "_target_: dblock.models.SNNClassifier" in proc.stdout  # the resolved config
     assert "fast_dev_run" in proc.stdout + proc.stderr  # Lightning's info lines, back on
+
+
+def test_terminal_gets_the_bar_and_run_log_the_epoch_lines(tmp_path):
+    """Under a terminal (a pseudo-terminal here) the console shows Lightning's bar; the run's
+    log still gets one line per epoch."""
+    pty = pytest.importorskip("pty")  # POSIX
+    import fcntl
+    import struct
+    import termios
+
+    out = tmp_path / "run"
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: run.py on the terminal's side
+        try:
+            os.chdir(tmp_path)
+            os.environ.update(DBLOCK_DATA=str(tmp_path / "data"), PYTHONPATH=str(ROOT))
+            args = ["trainer.max_epochs=1", f"hydra.run.dir={out}", "logger=none", *TINY]
+            os.execv(sys.executable, [sys.executable, str(ROOT / "run.py"), *args])
+        finally:
+            os._exit(127)
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    text = b""
+    while True:
+        try:
+            chunk = os.read(fd, 1 << 16)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        text += chunk
+    assert os.waitpid(pid, 0)[1] == 0
+    text = text.decode(errors="replace")
+    assert "Epoch 0: 100%" in text and "\repoch 1/1" not in text
+    log = (out / "run.log").read_text()
+    assert "epoch 1/1: train/loss" in log and "test acc" in log.splitlines()[-1]
