@@ -349,6 +349,6 @@ def test_terminal_gets_the_bar_and_run_log_the_epoch_lines(tmp_path):
         text += chunk
     assert os.waitpid(pid, 0)[1] == 0
     text = text.decode(errors="replace")
-    assert "Epoch 0: 100%" in text and "\repoch 1/1" not in text
+    assert "Epoch 0: 100%" in text and "epoch 1/1:" not in text  # the bar, not the line
     log = (out / "run.log").read_text()
     assert "epoch 1/1: train/loss" in log and "test acc" in log.splitlines()[-1]
