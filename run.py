@@ -427,6 +427,9 @@ def preflight(argv: list[str]) -> list[str]:
             return []
         params = [f"{k}={v}" for k, v in (master.hydra.sweeper.params or {}).items()]
         every = parser.parse_overrides(params + [o.input_line for o in task])
+        if any(o.is_sweep_override() and not o.is_discrete_sweep() for o in every):
+            _check_job(master)  # an interval: the basic sweeper refuses it itself
+            return []
         swept: dict[str, tuple[str, int]] = {}
         for o in every:  # as BasicSweeper.split_arguments: a later override of a key wins
             n = len(list(o.sweep_string_iterator())) if o.is_sweep_override() else 1
@@ -549,4 +552,6 @@ if __name__ == "__main__":
         sys.argv += preflight(sys.argv[1:])
     except ConfigError as err:
         fail(str(err))
+    except Exception:  # a case the early check does not know: Hydra and main() still check
+        pass
     main()
