@@ -1,8 +1,8 @@
 """A LightningDataModule over the event store: batches are built on the training device.
 
 DataLoaders yield only sample indices (cheap, no worker processes, DDP-shardable by Lightning's
-distributed sampler); ``on_after_batch_transfer`` turns them into dense (B, n_in, T) counts by
-scatter-add from the store held on the model's device.
+distributed sampler); ``on_after_batch_transfer`` turns them into dense time-major (T, B, n_in)
+counts by scatter-add from the store held on the model's device.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The compact event store shared by every dataset, and the SHD-layout HDF5 reader/writer.
 
 A split is held as flat arrays plus per-sample offsets, with times already binned for the
-configured ``dt`` and ``T``. Dense (B, n_in, T) count tensors are built from it on whatever
-device the store lives on, by one scatter-add per batch.
+configured ``dt`` and ``T``. Dense time-major (T, B, n_in) count tensors are built from it on
+whatever device the store lives on, by one scatter-add per batch.
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ class EventStore:
         return EventStore(**moved)
 
     def dense(self, idx: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-        """Count tensor (B, n_in, T) of samples ``idx`` (B,), built on the store's device.
+        """Time-major count tensor (T, B, n_in) of samples ``idx`` (B,), contiguous, built on the
+        store's device.
 
         On CPU it runs single-threaded: these memory-bound passes gain little from threads, and
         on a busy machine intra-op threads made them several times slower (measured).
@@ -68,7 +69,7 @@ class EventStore:
 
     def _dense(self, idx: Tensor, dtype: torch.dtype) -> Tensor:
         idx = idx.to(self.offsets.device, torch.long)
-        dev, b, size = idx.device, idx.shape[0], self.n_in * self.t_len
+        dev, b, n_in = idx.device, idx.shape[0], self.n_in
         starts = self.offsets[idx]
         counts = self.offsets[idx + 1] - starts
         total = int(counts.sum())
@@ -77,14 +78,14 @@ class EventStore:
             starts - (counts.cumsum(0) - counts), counts, output_size=total
         )
         pos = torch.arange(total, device=dev).add_(shift)
-        # flat index (row * n_in + unit) * T + bin, accumulated in int64
+        # flat index (bin * B + row) * n_in + unit of the (T, B, n_in) output, in int64
         flat = torch.repeat_interleave(
-            torch.arange(0, b * size, size, device=dev), counts, output_size=total
+            torch.arange(0, b * n_in, n_in, device=dev), counts, output_size=total
         )
-        flat.add_(self.units[pos], alpha=self.t_len).add_(self.bins[pos])
-        out = torch.zeros(b * size, dtype=dtype, device=dev)
+        flat.add_(self.bins[pos], alpha=b * n_in).add_(self.units[pos])
+        out = torch.zeros(self.t_len * b * n_in, dtype=dtype, device=dev)
         out.scatter_add_(0, flat, torch.ones(total, dtype=dtype, device=dev))
-        return out.view(b, self.n_in, self.t_len)
+        return out.view(self.t_len, b, n_in)
 
     def state(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -26,9 +26,10 @@ class NonFiniteError(RuntimeError):
 class SNNTask(pl.LightningModule):
     """Trains an ``SNNClassifier`` with cross-entropy, Adam and a step learning-rate schedule.
 
-    Batches are ``(x, y)`` with ``x`` (B, n_in, T) counts and ``y`` (B,) labels. Logs, per stage,
-    ``<stage>/loss``, ``<stage>/acc``, ``<stage>/spikes_per_sample`` (hidden spikes summed
-    over hidden layers) and ``<stage>/samples``, and ``train/epoch_time_s`` and ``lr`` each epoch.
+    Batches are ``(x, y)`` with ``x`` time-major (T, B, n_in) counts and ``y`` (B,) labels. Logs,
+    per stage, ``<stage>/loss``, ``<stage>/acc``, ``<stage>/spikes_per_sample`` (hidden spikes
+    summed over hidden layers) and ``<stage>/samples``, and ``train/epoch_time_s`` and ``lr``
+    each epoch.
     """
 
     def __init__(

@@ -99,7 +99,8 @@ def time_tonic(root: Path, args, device: torch.device) -> dict:
     n_batches = 0
     t0 = time.perf_counter()
     for x, y in loader:
-        x = x.to(device).float().squeeze(2).transpose(1, 2)  # (B, T, 1, 700) -> (B, 700, T)
+        # (B, T, 1, 700) -> the model's contiguous time-major (T, B, 700)
+        x = x.to(device).float().squeeze(2).transpose(0, 1).contiguous()
         y = y.to(device)
         n_batches += 1
     sync(device)

@@ -2,8 +2,9 @@
 
 Each builder returns a callable that runs one forward pass and returns a tensor whose ``sum()``
 is backpropagated, or raises ``Unavailable`` with the reason (a peer library not installed).
-Layer scope: input spikes ``x`` (B, n_in, T) -> spikes. Neurons scope: input current ``I``
-(B, N, T), already projected, -> spikes. Peers get the time-major (T, B, ...) layout they expect.
+Everything is time-major, as dblock is. Layer scope: input spikes ``x`` (T, B, n_in) -> spikes.
+Neurons scope: input current ``I`` (T, B, N), already projected, -> spikes. The floor is a plain
+``nn.Linear`` on the contiguous time-major input.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ class Unavailable(Exception):
 def paper_style_neurons(
     current: Tensor, beta: Tensor, weight: Tensor | None, bias: Tensor | None, scale: float = 10.0
 ) -> Tensor:
-    """The standard LIF loop indexing time as ``I[:, :, t]`` on the (B, N, T) tensor, as the
-    paper's baseline does. Benchmark only; the library uses time-major slices."""
+    """The standard LIF loop indexing time as ``I[:, :, t]`` on a (B, N, T) view, as the paper's
+    baseline does. Benchmark only; the library iterates over time-major slices."""
     out = []
     v = s = None
     for t in range(current.shape[-1]):
@@ -55,7 +56,8 @@ class PaperStyleLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         rec = self.recurrent
         w, b = (rec.weight, rec.bias) if rec is not None else (None, None)
-        return paper_style_neurons(self.projection(x), self.beta.clamp(0, 1), w, b)
+        current = self.projection(x).permute(1, 2, 0)  # (B, N, T) view, as the paper indexes it
+        return paper_style_neurons(current, self.beta.clamp(0, 1), w, b)
 
 
 class TimeMajorPeer(nn.Module):
@@ -68,9 +70,8 @@ class TimeMajorPeer(nn.Module):
         self.mods = nn.ModuleList(mods)
         self.step = step
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x.permute(2, 0, 1)  # (T, B, n_in) or (T, B, N) current
-        return self.step(self.linear(x) if self.linear is not None else x.contiguous())
+    def forward(self, x: Tensor) -> Tensor:  # (T, B, n_in) input or (T, B, N) current
+        return self.step(self.linear(x) if self.linear is not None else x)
 
 
 def _snntorch(n: int, recurrent: bool):
@@ -154,7 +155,7 @@ def build(
     recurrent = mode == "recurrent"
     layer_in = n_in if scope == "layer" else None
     if impl == "floor":
-        return Projection(n_in, n).to(device)
+        return nn.Linear(n_in, n).to(device)
     if impl in ("dblock", "standard", "paper_style"):
         if scope == "layer":
             if impl == "dblock":
@@ -175,7 +176,7 @@ def build(
 
 
 class _NeuronsOnly(nn.Module):
-    """dblock's neuron functions (or the paper-style loop) on a given current (B, N, T)."""
+    """dblock's neuron functions (or the paper-style loop) on a given current (T, B, N)."""
 
     def __init__(self, impl: str, n: int, d: int | None, recurrent: bool) -> None:
         super().__init__()
@@ -193,4 +194,4 @@ class _NeuronsOnly(nn.Module):
             return F.dblock_neurons(current, beta, self.d, self.weight, self.bias)
         if self.impl == "standard":
             return F.lif_neurons(current, beta, self.weight, self.bias)
-        return paper_style_neurons(current, beta, self.weight, self.bias)
+        return paper_style_neurons(current.permute(1, 2, 0), beta, self.weight, self.bias)

@@ -2,8 +2,9 @@
 
 One hidden layer (projection + neurons, no readout) on Poisson input (1000 units, per-sample rate
 ~ U(0, 200) Hz, 1 ms steps), batch 128. For each grid point it times, side by side and in
-interleaved rounds (median reported): the floor (the projection alone), dblock's d-block layer
-for each d, dblock's standard layer, the paper-style (B, N, T)-indexed standard loop, and the
+interleaved rounds (median reported): the floor (``nn.Linear`` alone on the contiguous
+time-major input), dblock's d-block layer for each d, dblock's standard layer, the paper-style
+(B, N, T)-indexed standard loop, and the
 peers that are installed (``pip install -e ".[bench]"``). Both whole-layer (x -> spikes) and
 neurons-only (current -> spikes) times, and the peak fwd+bwd memory of one call. Rows are
 appended to a CSV as each point finishes; rows already there are skipped (resumable).
@@ -57,10 +58,10 @@ GRIDS = {  # panel -> (mode, [(t_len, n_hidden)], n_in)
 
 
 def poisson_input(batch: int, n_in: int, t_len: int, device: str, seed: int = 0) -> torch.Tensor:
-    """Spikes (B, n_in, T): each sample fires at a rate ~ U(0, 200) Hz, 1 ms steps."""
+    """Spikes (T, B, n_in), contiguous: each sample fires at a rate ~ U(0, 200) Hz, 1 ms steps."""
     g = torch.Generator(device="cpu").manual_seed(seed)
-    rate = torch.rand(batch, 1, 1, generator=g) * 200.0
-    x = (torch.rand(batch, n_in, t_len, generator=g) < rate * 1e-3).float()
+    rate = torch.rand(1, batch, 1, generator=g) * 200.0
+    x = (torch.rand(t_len, batch, n_in, generator=g) < rate * 1e-3).float()
     return x.to(device)
 
 

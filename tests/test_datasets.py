@@ -30,13 +30,13 @@ def from_config(name: str, data_dir: Path, *overrides: str):
 
 
 def hand_dense(times, units, n_in, t_len, dt_ms, scale=1000.0):
-    """Dense counts by a plain loop over events: SPEC §6 binning."""
-    out = torch.zeros(len(times), n_in, t_len)
+    """Dense time-major counts (T, B, n_in) by a plain loop over events: SPEC §6 binning."""
+    out = torch.zeros(t_len, len(times), n_in)
     for i, (ts, us) in enumerate(zip(times, units, strict=True)):
         for t, u in zip(ts, us, strict=True):
             b = round(float(t) * scale / dt_ms)
             if b < t_len:
-                out[i, int(u), b] += 1
+                out[b, i, int(u)] += 1
     return out
 
 
@@ -62,7 +62,7 @@ def test_shd_from_config_matches_hand_binning(shd_dir):
         times, units = list(f["spikes/times"][:]), list(f["spikes/units"][:])
     batch = next(iter(dm.test_dataloader()))
     x, y = dm.on_after_batch_transfer(batch, 0)
-    want = hand_dense(times, units, 700, 500, 2.0)[batch["idx"]]
+    want = hand_dense(times, units, 700, 500, 2.0)[:, batch["idx"]]
     torch.testing.assert_close(x, want)
     assert y.tolist() == (np.arange(20) % 20)[batch["idx"].numpy()].tolist()
     train, val = dm.split_indices["train"][1], dm.split_indices["val"][1]
@@ -82,7 +82,7 @@ def test_ssc_uses_valid_file(ssc_dir):
     assert dm.split_indices["val"][0] == "valid" and len(dm.split_indices["val"][1]) == 35
     assert len(dm.split_indices["train"][1]) == 70
     x, y = dm.on_after_batch_transfer(next(iter(dm.val_dataloader())), 0)
-    assert x.shape[1:] == (700, 500) and y.max() < 35
+    assert (x.shape[0], x.shape[2]) == (500, 700) and y.max() < 35
 
 
 def test_ssc_without_validation_needs_no_valid_file(ssc_dir, monkeypatch):
@@ -310,7 +310,7 @@ def test_float16_times_converted_before_scaling(tmp_path):
         assert f["spikes/times"][0].dtype == np.float16
     dm = SHDDataModule(tmp_path, n_in=3, n_classes=20, t_len=66_001, dt_ms=1.0, cache=False)
     x = dm.load_split("train").dense(torch.tensor([0]))
-    assert x[0, 2, 66_000] == 1 and x[0, 1, 500] == 1 and x.sum() == 2
+    assert x[66_000, 0, 2] == 1 and x[500, 0, 1] == 1 and x.sum() == 2
 
 
 def test_nmnist_truncated_file(nmnist_dir):

@@ -17,15 +17,16 @@ def test_dense_matches_hand_binning(tmp_path):
     write_h5(tmp_path / "x.h5", times, units, np.array([1, 0, 2]))
     store = read_h5(tmp_path / "x.h5", n_in=3, t_len=5, dt_ms=2.0)
     dense = store.dense(torch.tensor([0, 1, 2]))
-    want = torch.zeros(3, 3, 5)
+    want = torch.zeros(5, 3, 3)  # time-major: (bin, sample, unit)
     want[0, 0, 0] += 1  # 0.0 s -> bin 0
-    want[0, 1, 1] += 1  # 1.1 ms / 2 -> round(0.55) = 1
-    want[0, 1, 1] += 2  # 1.9 ms twice -> round(0.95) = 1, repeated (unit, bin) adds up
+    want[1, 0, 1] += 1  # 1.1 ms / 2 -> round(0.55) = 1
+    want[1, 0, 1] += 2  # 1.9 ms twice -> round(0.95) = 1, repeated (unit, bin) adds up
     # 9.5 ms -> round(4.75) = 5 >= T: dropped; 0.5 s: dropped
-    want[1, 2, 2] += 1  # 3 ms -> round(1.5) = 2 (float16 storage: 0.003 -> 0.0030002)
+    want[2, 1, 2] += 1  # 3 ms -> round(1.5) = 2 (float16 storage: 0.003 -> 0.0030002)
     torch.testing.assert_close(dense, want)
+    assert dense.is_contiguous()
     assert store.labels.tolist() == [1, 0, 2]
-    assert store.dense(torch.tensor([1, 0]))[1].equal(want[0])
+    assert store.dense(torch.tensor([1, 0]))[:, 1].equal(want[:, 0])
 
 
 def test_h5_layout_is_shd(tmp_path):
@@ -66,7 +67,7 @@ def test_datamodule_batches(tmp_path):
     assert len(dm.split_indices["train"][1]) + len(dm.split_indices["val"][1]) == 64
     batch = next(iter(dm.train_dataloader()))
     x, y = dm.on_after_batch_transfer(batch, 0)
-    assert x.shape == (16, 64, 100) and y.shape == (16,)
+    assert x.shape == (100, 16, 64) and y.shape == (16,) and x.is_contiguous()
     assert x.sum() > 0 and 0 <= y.min() and y.max() < 10
 
 

@@ -21,8 +21,9 @@ SHAPES = [  # (B, N, T, d)
 
 
 def make(b, n, t, seed=0, dtype=torch.float64):
+    """Time-major current (T, B, N), beta, recurrent weight and bias."""
     g = torch.Generator().manual_seed(seed)
-    current = (torch.randn(b, n, t, generator=g, dtype=dtype) * 0.8 + 0.45).requires_grad_()
+    current = (torch.randn(t, b, n, generator=g, dtype=dtype) * 0.8 + 0.45).requires_grad_()
     beta = (torch.rand(n, generator=g, dtype=dtype) * 0.9 + 0.05).requires_grad_()
     weight = (torch.randn(n, n, generator=g, dtype=dtype) * 0.7).requires_grad_()
     bias = (torch.randn(n, generator=g, dtype=dtype) * 0.2).requires_grad_()
@@ -48,7 +49,7 @@ def test_dblock_matches_reference(b, n, t, d, mode):
     inputs = [current, beta] + ([weight, bias] if kw else [])
     fast, fast_g = grads(lambda: F.dblock_neurons(current, beta, d, **kw), inputs)
     ref, ref_g = grads(lambda: R.dblock_neurons(current, beta, d, **kw), inputs)
-    assert fast.shape == (b, n, t)
+    assert fast.shape == (t, b, n)
     assert torch.equal(fast, ref)
     assert set(fast.unique().tolist()) <= {0.0, 1.0}
     for got, want in zip(fast_g, ref_g, strict=True):
@@ -69,7 +70,7 @@ def test_one_spike_per_block(b, n, t, d):
     spikes = F.dblock_neurons(current * 3, beta, d, weight, bias)
     start = 0
     for length in F.block_lengths(t, d):
-        assert spikes[:, :, start : start + length].sum(-1).max() <= 1
+        assert spikes[start : start + length].sum(0).max() <= 1
         start += length
 
 
@@ -84,22 +85,22 @@ def test_block_lengths():
 def test_recurrent_spike_arrives_at_next_block_start():
     """Neuron 0 fires mid-block 0; neuron 1 (no input of its own) fires at block 1's start."""
     t, d = 12, 3  # blocks [0,4) [4,8) [8,12)
-    current = torch.zeros(1, 2, t, dtype=torch.float64)
-    current[0, 0, 2] = 5.0  # neuron 0 fires at t = 2, in block 0 only
+    current = torch.zeros(t, 1, 2, dtype=torch.float64)
+    current[2, 0, 0] = 5.0  # neuron 0 fires at t = 2, in block 0 only
     beta = torch.full((2,), 0.5, dtype=torch.float64)
     weight = torch.tensor([[0.0, 0.0], [5.0, 0.0]], dtype=torch.float64)
     for fn in (F.dblock_neurons, R.dblock_neurons):
         spikes = fn(current, beta, d, weight, None)
-        assert spikes[0, 0].nonzero().flatten().tolist() == [2]
-        assert spikes[0, 1].nonzero().flatten().tolist() == [4]
+        assert spikes[:, 0, 0].nonzero().flatten().tolist() == [2]
+        assert spikes[:, 0, 1].nonzero().flatten().tolist() == [4]
 
 
 def test_recurrent_effect_is_delayed_by_one_block():
     current, beta, weight, bias = make(2, 6, 24)
     base = F.dblock_neurons(current, beta, 4, weight, bias)
     other = F.dblock_neurons(current, beta, 4, weight * 3, bias + 1)
-    assert torch.equal(base[..., :6], other[..., :6])  # block 0 cannot see the recurrence
-    assert not torch.equal(base[..., 6:], other[..., 6:])
+    assert torch.equal(base[:6], other[:6])  # block 0 cannot see the recurrence
+    assert not torch.equal(base[6:], other[6:])
 
 
 def test_d1_recurrence_has_no_effect():
@@ -138,7 +139,7 @@ def test_lif_matches_reference(b, n, t, d, recurrent):
 
 
 def test_lif_multi_spike_and_reset():
-    current = torch.full((1, 1, 6), 1.5, dtype=torch.float64)
+    current = torch.full((6, 1, 1), 1.5, dtype=torch.float64)
     spikes = F.lif_neurons(current, torch.tensor([1.0], dtype=torch.float64))
     # V: 1.5 (S) -> 0.5+1.5=2.0 (S) -> 2.5 (S) ...: a neuron may fire at every step
     assert spikes.flatten().tolist() == [1.0] * 6
@@ -156,7 +157,7 @@ def test_readout_matches_reference(d, reduce):
 
 
 def test_readout_restarts_at_blocks():
-    current = torch.zeros(1, 1, 6, dtype=torch.float64)
+    current = torch.zeros(6, 1, 1, dtype=torch.float64)
     current[0, 0, 0] = 1.0
     beta = torch.tensor([0.5], dtype=torch.float64)
     assert F.leaky_readout(current, beta, None).item() == pytest.approx(

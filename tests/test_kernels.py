@@ -19,8 +19,9 @@ LONG = [  # (B, N, T, d): long blocks, remainders of every kind
 
 
 def make(b, n, t, seed, dtype=torch.float64):
+    """Time-major current (T, B, N), beta, recurrent weight and bias."""
     g = torch.Generator().manual_seed(seed)
-    current = (torch.randn(b, n, t, generator=g, dtype=dtype) * 0.6 + 0.2).requires_grad_()
+    current = (torch.randn(t, b, n, generator=g, dtype=dtype) * 0.6 + 0.2).requires_grad_()
     beta = (torch.rand(n, generator=g, dtype=dtype) * 0.3 + 0.7).requires_grad_()
     weight = (torch.randn(n, n, generator=g, dtype=dtype) * 0.5).requires_grad_()
     bias = (torch.randn(n, generator=g, dtype=dtype) * 0.1).requires_grad_()
@@ -69,13 +70,12 @@ def test_beta_at_the_clamp_edges(beta_value):
 
 def test_recurrent_without_bias_and_noncontiguous_current():
     current, beta, weight, _ = make(3, 5, 60, seed=7)
-    # a time-major tensor seen as (B, N, T), as a layer's projection hands it over, and a
-    # batch-major one; both layouts give the same spikes and gradients
-    time_major = current.detach().permute(2, 0, 1).contiguous().requires_grad_()
+    # a batch-major (B, N, T) tensor seen time-major through a permuted view: correct, if slower
+    batch_major = current.detach().permute(1, 2, 0).contiguous().requires_grad_()
     check(
-        lambda: F.dblock_neurons(time_major.permute(1, 2, 0), beta, 6, weight),
-        lambda: R.dblock_neurons(time_major.permute(1, 2, 0), beta, 6, weight),
-        [time_major, beta, weight],
+        lambda: F.dblock_neurons(batch_major.permute(2, 0, 1), beta, 6, weight),
+        lambda: R.dblock_neurons(batch_major.permute(2, 0, 1), beta, 6, weight),
+        [batch_major, beta, weight],
     )
 
 

@@ -97,10 +97,14 @@ def test_recipe_on_snn_task(tmp_path):
     net = SNNClassifier(n_in=8, n_hidden=8, n_layers=1, n_classes=3, model="dblock", d=2, t_len=6)
     task = SNNTask(net, n_classes=3, lr=1e-2, milestones=[1])
     g = torch.Generator().manual_seed(0)
-    x = torch.poisson(torch.full((24, 8, 6), 0.5), generator=g)
+    x = torch.poisson(torch.full((24, 6, 8), 0.5), generator=g)  # samples (T, n_in)
     data = TensorDataset(x, torch.randint(0, 3, (24,), generator=g))
+
+    def time_major(items):  # batches (T, B, n_in), as the datamodules build them
+        return torch.stack([i[0] for i in items], 1), torch.stack([i[1] for i in items])
+
     recipe = PaperRecipe(milestones=[1], dirpath=tmp_path / "ckpt")
-    trainer(tmp_path, 2, recipe).fit(task, DataLoader(data, batch_size=8))
+    trainer(tmp_path, 2, recipe).fit(task, DataLoader(data, batch_size=8, collate_fn=time_major))
     assert recipe.applied == [1] and recipe.best_model_path
     best = torch.load(recipe.best_model_path, map_location="cpu", weights_only=False)["state_dict"]
     assert same(best, task.state_dict())

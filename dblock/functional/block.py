@@ -1,7 +1,7 @@
 """The d-block neuron (SPEC §3): membrane without reset inside a block, first spike only.
 
 All blocks of a feedforward layer are computed at once; a recurrent layer loops over blocks
-(never over time steps). Tensors are (B, N, T) at the interface and time-major inside. The
+(never over time steps). Tensors are time-major, (T, B, N), at the interface and inside. The
 kernel (``block_kernel``) is linear in T, forward and backward.
 """
 
@@ -53,7 +53,7 @@ def dblock_neurons(
     """d-block spikes (SPEC §3).
 
     Args:
-        current: input current ``W x + b``, (B, N, T).
+        current: input current ``W x + b``, time-major (T, B, N).
         beta: per-neuron decay (N,), used as given (callers clamp).
         d: number of blocks, ``1 <= d <= T``.
         recurrent_weight: (N, N) or None for a feedforward layer.
@@ -62,12 +62,9 @@ def dblock_neurons(
         scale: slope ``k`` of the fast-sigmoid surrogate.
 
     Returns:
-        spikes (B, N, T) as 0/1 floats carrying the straight-through gradient.
+        spikes (T, B, N) as 0/1 floats carrying the straight-through gradient.
     """
-    lengths = block_lengths(current.shape[-1], d)
-    time_major = current.permute(2, 0, 1)  # (T, B, N)
+    lengths = block_lengths(current.shape[0], d)
     if recurrent_weight is not None and not detach_recurrent:
-        spikes = _attached(time_major, beta, lengths, recurrent_weight, recurrent_bias, scale)
-    else:
-        spikes = dblock_kernel(time_major, beta, lengths, recurrent_weight, recurrent_bias, scale)
-    return spikes.permute(1, 2, 0)
+        return _attached(current, beta, lengths, recurrent_weight, recurrent_bias, scale)
+    return dblock_kernel(current, beta, lengths, recurrent_weight, recurrent_bias, scale)

@@ -21,15 +21,15 @@ def lif_neurons(
     ``S_t = H(V_t - 1)`` with the fast-sigmoid surrogate. The gradient flows through the reset.
 
     Args:
-        current: (B, N, T) input current. beta: (N,). recurrent_weight: (N, N) or None.
-        recurrent_bias: (N,) or None. scale: surrogate slope.
+        current: time-major input current (T, B, N). beta: (N,). recurrent_weight: (N, N) or
+        None. recurrent_bias: (N,) or None. scale: surrogate slope.
 
     Returns:
-        spikes (B, N, T).
+        spikes (T, B, N).
     """
-    # Iterate over a time-major tensor with unbind: indexing current[..., t] on a tensor that
-    # needs grad makes the backward O(T^2).
-    steps = current.permute(2, 0, 1).contiguous().unbind(0)
+    # unbind, not current[t]: indexing step t of a tensor that needs grad makes the backward
+    # O(T^2); on a contiguous time-major tensor each step is a contiguous (B, N) view.
+    steps = current.unbind(0)
     out = []
     v = s = steps[0]  # s is first read at t = 1
     for t, i_t in enumerate(steps):
@@ -41,4 +41,4 @@ def lif_neurons(
                     v = v + recurrent_bias
         s = fast_sigmoid(v - 1.0, scale)
         out.append(s)
-    return torch.stack(out).permute(1, 2, 0)
+    return torch.stack(out)

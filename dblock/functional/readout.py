@@ -27,7 +27,7 @@ def leaky_readout(
     """Logits of the leaky integrator ``U_t = beta U_{t-1} + I_t``.
 
     Args:
-        current: (B, C, T) readout current ``W_o S + b_o``.
+        current: time-major readout current ``W_o S + b_o``, (T, B, C).
         beta: (C,) decay, used as given.
         d: restart the state at 0 at every block boundary of the d-block split; None: never.
         reduce: "sum" (``sum_t U_t``) or "max" (``max_t U_t``).
@@ -36,25 +36,24 @@ def leaky_readout(
         logits (B, C).
     """
     check_reduce(reduce)
-    lengths = _lengths(current.shape[-1], d)
+    lengths = _lengths(current.shape[0], d)
     if reduce == "sum":
-        return torch.einsum("bct,ct->bc", current, _sum_weights(beta, lengths))
-    steps = current.permute(2, 0, 1).contiguous().unbind(0)
+        return (current * _sum_weights(beta, lengths).unsqueeze(1)).sum(0)
     starts = {0}
     for length in lengths[:-1]:
         starts.add(max(starts) + length)
     u = best = None
-    for t, i_t in enumerate(steps):
+    for t, i_t in enumerate(current.unbind(0)):
         u = i_t if t in starts else beta * u + i_t
         best = u if best is None else torch.maximum(best, u)
     return best
 
 
 def _sum_weights(beta: Tensor, lengths: list[int]) -> Tensor:
-    """Weight (C, T) of each input step in ``sum_t U_t``.
+    """Weight (T, C) of each input step in ``sum_t U_t``.
 
     An input at step s of a block that ends at step e contributes ``sum_{k=0}^{e-s} beta^k``.
     """
     partial = decay_powers(beta, max(lengths)).cumsum(0)  # (L, C): sum_{k<=m} beta^k
     to_end = torch.cat([torch.arange(n - 1, -1, -1) for n in lengths]).to(beta.device)
-    return partial[to_end].t()
+    return partial[to_end]

@@ -1,7 +1,8 @@
 """Plain step-by-step loops written straight from SPEC §2-4: the ground truth for tests.
 
 No vectorisation and no tricks; slow on purpose. Autograd runs through these loops, so their
-gradients are the reference gradients too.
+gradients are the reference gradients too. Tensors are time-major, (T, B, N), as in the fast
+functions.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ def dblock_neurons(
     detach_recurrent: bool = True,
     scale: float = 10.0,
 ) -> Tensor:
-    """SPEC §3 simulated one step at a time. (B, N, T) -> (B, N, T)."""
-    batch, n, t_len = current.shape
+    """SPEC §3 simulated one step at a time. (T, B, N) -> (T, B, N)."""
+    t_len, batch, n = current.shape
     spikes = []
     start = 0
     recurrent = torch.zeros(batch, n, dtype=current.dtype, device=current.device)
@@ -33,7 +34,7 @@ def dblock_neurons(
         z = torch.zeros_like(recurrent)  # running sum of c_sum
         block = []
         for tau in range(length):
-            j = current[:, :, start + tau]
+            j = current[start + tau]
             if tau == 0:
                 j = j + recurrent
             u = beta * u + j
@@ -41,17 +42,17 @@ def dblock_neurons(
             c_sum = c_sum + c
             z = z + c_sum
             block.append(z - (z * (z != 1)).detach())
-        block = torch.stack(block, dim=-1)
+        block = torch.stack(block)  # (L, B, N)
         spikes.append(block)
         if recurrent_weight is not None:
-            fired = block.amax(dim=-1)
+            fired = block.amax(dim=0)
             if detach_recurrent:
                 fired = fired.detach()
             recurrent = fired @ recurrent_weight.t()
             if recurrent_bias is not None:
                 recurrent = recurrent + recurrent_bias
         start += length
-    return torch.cat(spikes, dim=-1)
+    return torch.cat(spikes)
 
 
 def lif_neurons(
@@ -61,28 +62,28 @@ def lif_neurons(
     recurrent_bias: Tensor | None = None,
     scale: float = 10.0,
 ) -> Tensor:
-    """SPEC §2 one step at a time. (B, N, T) -> (B, N, T)."""
+    """SPEC §2 one step at a time. (T, B, N) -> (T, B, N)."""
     spikes = []
     v = s = None  # membrane and spikes of the previous step
-    for t in range(current.shape[-1]):
+    for t in range(current.shape[0]):
         if t == 0:
-            v = current[:, :, 0]
+            v = current[0]
         else:
-            v = beta * (v - s) + current[:, :, t]
+            v = beta * (v - s) + current[t]
             if recurrent_weight is not None:
                 v = v + s.detach() @ recurrent_weight.t()
                 if recurrent_bias is not None:
                     v = v + recurrent_bias
         s = fast_sigmoid(v - 1.0, scale)
         spikes.append(s)
-    return torch.stack(spikes, dim=-1)
+    return torch.stack(spikes)
 
 
 def leaky_readout(
     current: Tensor, beta: Tensor, d: int | None = None, reduce: str = "sum"
 ) -> Tensor:
-    """SPEC §4 one step at a time. (B, C, T) -> logits (B, C)."""
-    t_len = current.shape[-1]
+    """SPEC §4 one step at a time. (T, B, C) -> logits (B, C)."""
+    t_len = current.shape[0]
     starts = {0}
     if d is not None:
         start = 0
@@ -92,11 +93,11 @@ def leaky_readout(
     trace = []
     u = None
     for t in range(t_len):
-        u = current[:, :, t] if t in starts else beta * u + current[:, :, t]
+        u = current[t] if t in starts else beta * u + current[t]
         trace.append(u)
-    trace = torch.stack(trace, dim=-1)
+    trace = torch.stack(trace)  # (T, B, C)
     if reduce == "sum":
-        return trace.sum(-1)
+        return trace.sum(0)
     if reduce == "max":
-        return trace.amax(-1)
+        return trace.amax(0)
     raise ValueError(f"unknown readout reduce {reduce!r}; valid: sum, max")

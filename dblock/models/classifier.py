@@ -27,7 +27,8 @@ class Output(NamedTuple):
 class SNNClassifier(nn.Module):
     """Hidden layers of d-block or standard neurons followed by a leaky readout.
 
-    Input (B, n_in, T) counts; output logits (B, n_classes) and hidden spikes per sample (B,).
+    Input: time-major counts (T, B, n_in). Output: logits (B, n_classes) and hidden spikes per
+    sample (B,).
     The d-block readout restarts with the hidden layers' blocks; the standard one never does.
     """
 
@@ -69,5 +70,5 @@ class SNNClassifier(nn.Module):
         spike_count = 0
         for layer in self.hidden:
             x = layer(x)
-            spike_count = spike_count + x.detach().sum(dim=(1, 2))
+            spike_count = spike_count + x.detach().sum(dim=(0, 2))
         return Output(self.readout(x), spike_count)
