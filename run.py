@@ -18,7 +18,6 @@ import shutil
 import sys
 import tempfile
 import time
-from functools import cache
 from pathlib import Path
 
 import hydra
@@ -278,7 +277,9 @@ MULTIRUN_FLAGS = ("-m", "--multirun")
 SAFE_NAME = re.compile(r"[A-Za-z0-9+][A-Za-z0-9._,=+-]{0,199}")  # no /, no spaces, no quotes
 
 
-@cache
+_KNOWN: list = []  # known_keys(), once per process (a plain list: joblib pickles main by value)
+
+
 def known_keys() -> tuple[frozenset[str], dict[str, frozenset[str]], dict[str, dict], set]:
     """The keys conf/ defines: at the top level, and inside nodes without a ``_target_``.
 
@@ -289,6 +290,8 @@ def known_keys() -> tuple[frozenset[str], dict[str, frozenset[str]], dict[str, d
     the third item gives, per group, the keys each option's file defines (for the message);
     the fourth names the groups whose entries are objects to create (callbacks, logger).
     """
+    if _KNOWN:
+        return _KNOWN[0]
     main = OmegaConf.to_container(OmegaConf.load(CONF / "config.yaml"))
     top = {k for k in main if k != "defaults"}
     plain = {k: set(v) for k, v in main.items() if isinstance(v, dict) and "_target_" not in v}
@@ -309,7 +312,10 @@ def known_keys() -> tuple[frozenset[str], dict[str, frozenset[str]], dict[str, d
                     collections.add(group.name)
             else:
                 plain.setdefault(group.name, set()).update(keys)  # e.g. paths
-    return frozenset(top), {k: frozenset(v) for k, v in plain.items()}, options, collections
+    _KNOWN.append(
+        (frozenset(top), {k: frozenset(v) for k, v in plain.items()}, options, collections)
+    )
+    return _KNOWN[0]
 
 
 def validate(cfg: DictConfig) -> dict:
