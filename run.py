@@ -9,15 +9,14 @@ python run.py -m d=1,5 layers=1,2              # a sweep: one results.json per j
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import netrc
 import os
 import re
 import shutil
 import sys
-import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import hydra
@@ -27,6 +26,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from dblock import files, runner
 from dblock.config_check import (
     ConfigError,
     check_config,
@@ -35,7 +35,7 @@ from dblock.config_check import (
     check_selection,
 )
 from dblock.console import file_log, silence_library_noise
-from dblock.task import NonFiniteError
+from dblock.task import NonFiniteError, order_checkpoints
 
 log = logging.getLogger("dblock")
 CONF = Path(__file__).resolve().parent / "conf"
@@ -68,12 +68,15 @@ def build(cfg: DictConfig):
     check_data_dir(datamodule.data_dir, creates)
     check_selection(cfg.selection.monitor, datamodule.has_val)
     task = instantiate(cfg.task, model=instantiate(cfg.model), _convert_="all")
+    task.run_config = run_config(cfg)  # stored in every checkpoint, checked on resume / eval
     # an entry set to null (e.g. callbacks.best=null) is switched off
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     for logger in loggers:  # the resolved config, e.g. as the wandb run's config
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    trainer = instantiate(
+        cfg.trainer, logger=loggers or False, callbacks=order_checkpoints(callbacks)
+    )
     spawns = (
         trainer.world_size > 1
         and not trainer.strategy.cluster_environment.creates_processes_externally
@@ -88,45 +91,29 @@ def build(cfg: DictConfig):
     return datamodule, task, trainer
 
 
-def load_checkpoint(path: str, task) -> dict:
-    """Load ``path`` safely (tensors and plain types only) and check it fits ``task``."""
-    import torch
+def run_config(cfg: DictConfig) -> dict:
+    """The model and dataset settings a checkpoint must match (plain types, see runner)."""
+    return {
+        "dataset": {
+            "name": HydraConfig.get().runtime.choices.get("dataset"),
+            **OmegaConf.to_container(cfg.dataset, resolve=True),
+        },
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "seed": cfg.seed,
+    }
 
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"ckpt_path={path} does not exist; give the path of a .ckpt file")
-    try:
-        ckpt = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for truncated or foreign files
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(
-            f"ckpt_path={path} cannot be loaded as a checkpoint (corrupt, truncated or not a "
-            f"dblock checkpoint: {first[:200]})"
-        ) from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise ConfigError(f"ckpt_path={path} is not a dblock checkpoint (no state_dict)")
-    want = {k: tuple(v.shape) for k, v in task.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in ckpt["state_dict"].items()}
-    if want != got:
-        diff = sorted(set(want) ^ set(got)) or [k for k in want if want[k] != got[k]]
-        k = diff[0]
-        raise ConfigError(
-            f"ckpt_path={path} does not fit this config (model, d, layers, n_hidden, recurrent, "
-            f"dataset must match the run that wrote it): {k} is {got.get(k)} in the checkpoint, "
-            f"{want.get(k)} here"
-        )
+
+def load_checkpoint(path: str, task, train: bool) -> dict:
+    """Load ``path`` safely (tensors and plain types only) and check it fits this run."""
+    ckpt = runner.load_checkpoint(path)
+    shapes = {k: tuple(v.shape) for k, v in task.state_dict().items()}
+    runner.check_checkpoint(ckpt, path, shapes, task.run_config, evaluate=not train)
     return ckpt
 
 
-def results(cfg: DictConfig, test: dict, **extra) -> dict:
-    """The run's summary as written to results.json."""
+def run_info(cfg: DictConfig) -> dict:
+    """What the run is, as results.json reports it (the config the checkpoints were checked by)."""
     return {
-        "status": "ok",
-        "test/acc": test.get("test/acc"),
-        "test/loss": test.get("test/loss"),
-        "test/spikes_per_sample": test.get("test/spikes_per_sample"),
-        "test/samples": int(test["test/samples"]) if "test/samples" in test else None,
-        **extra,
         "n_classes": cfg.dataset.n_classes,
         "model": cfg.model.model,
         "d": cfg.d if cfg.model.model == "dblock" else None,
@@ -137,6 +124,7 @@ def results(cfg: DictConfig, test: dict, **extra) -> dict:
         "reduce": cfg.model.reduce,
         "dataset": HydraConfig.get().runtime.choices.get("dataset"),
         "seed": cfg.seed,
+        "smoke": bool(cfg.trainer.get("fast_dev_run")),  # one batch per split: not a result
         "selection": f"{cfg.selection.monitor} ({cfg.selection.mode})",
     }
 
@@ -156,37 +144,72 @@ def checkpoint_paths(trainer) -> tuple[str | None, str | None]:
             last = callback.best_model_path or last  # top-1 without a monitor: the newest
         else:
             best = callback.best_model_path or best
-    return last, best
+    return runner.existing(last), runner.existing(best)
 
 
-def train_and_test(cfg: DictConfig, out_dir: Path) -> dict:
+def last_checkpoint(cfg: DictConfig) -> Path | None:
+    """Where the ``checkpoint`` callback writes last.ckpt, or None when it is switched off."""
+    c = (cfg.get("callbacks") or {}).get("checkpoint")
+    return Path(c.dirpath) / f"{c.filename}.ckpt" if c is not None else None
+
+
+def requeued_resume(cfg: DictConfig, trainer) -> str | None:
+    """A requeued SLURM job (same command, same run dir) resumes from last.ckpt by itself."""
+    from lightning_fabric.plugins.environments import SLURMEnvironment
+
+    last = last_checkpoint(cfg)
+    if cfg.ckpt_path is not None or not cfg.train or last is None or not last.is_file():
+        return cfg.ckpt_path
+    if not isinstance(trainer._accelerator_connector.cluster_environment, SLURMEnvironment):
+        return None
+    log.warning("SLURM job %s: resuming from %s", os.environ.get("SLURM_JOB_ID"), last)
+    return str(last)
+
+
+def watch_requeue(trainer, stop: runner.SignalStop) -> None:
+    """Under SLURM with auto-requeue (Lightning's ``SLURMEnvironment``, on by default), its
+    requeue signal (SIGUSR1) stops the run cleanly and requeues the job. Installing the handler
+    first keeps Lightning's own one out: that one saves a mid-batch checkpoint (hpc_ckpt_N.ckpt)
+    from inside the signal handler, which cannot be resumed exactly."""
+    from lightning_fabric.plugins.environments import SLURMEnvironment
+
+    env = trainer._accelerator_connector.cluster_environment
+    if isinstance(env, SLURMEnvironment) and env.auto_requeue and env.requeue_signal is not None:
+        stop.watch_requeue(env.requeue_signal)
+
+
+def train_and_test(cfg: DictConfig, stop: runner.SignalStop) -> dict:
     start = time.perf_counter()
     datamodule, task, trainer = build(cfg)
-    ckpt = load_checkpoint(cfg.ckpt_path, task) if cfg.ckpt_path is not None else None
+    files.remove_orphans(orphan_dirs(datamodule))
+    watch_requeue(trainer, stop)
+    ckpt_path = requeued_resume(cfg, trainer)
+    ckpt = load_checkpoint(ckpt_path, task, cfg.train) if ckpt_path is not None else None
+    info = run_info(cfg)
     if not cfg.train:
         metrics = trainer.test(
-            task, datamodule=datamodule, ckpt_path=cfg.ckpt_path, verbose=False, weights_only=True
+            task, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False, weights_only=True
         )
-        return results(
-            cfg,
+        return runner.summary(
+            info,
             metrics[0] if metrics else {},
-            **tested(cfg.ckpt_path, ckpt),
+            **tested(ckpt_path, ckpt),
             epoch=int(ckpt["epoch"]) + 1,
             **{"train/epoch_time_s": task.mean_epoch_time()},
             wall_time_s=time.perf_counter() - start,
         )
     try:
-        trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
-    except NonFiniteError as err:
-        summary = results(
-            cfg,
-            {},
+        trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except (NonFiniteError, files.DiskFullError) as err:
+        return runner.summary(
+            info,
+            status="failed",
+            error=str(err),
             epoch=trainer.current_epoch,
             last_good_ckpt=checkpoint_paths(trainer)[0],
             **{"train/epoch_time_s": task.mean_epoch_time()},
             wall_time_s=time.perf_counter() - start,
         )
-        return {**summary, "status": "failed", "error": str(err)}
     epochs, epoch_time = trainer.current_epoch, task.mean_epoch_time()
     last, best = checkpoint_paths(trainer)
     score = next(
@@ -198,12 +221,12 @@ def train_and_test(cfg: DictConfig, out_dir: Path) -> dict:
         None,
     )
     path = (best if cfg.test_ckpt == "best" else last) or last  # None: no checkpoint callback
-    ckpt = load_checkpoint(path, task) if path else None
+    ckpt = load_checkpoint(path, task, train=True) if path else None
     metrics = trainer.test(
         task, datamodule=datamodule, ckpt_path=path, verbose=False, weights_only=True
     )
-    return results(
-        cfg,
+    return runner.summary(
+        info,
         metrics[0] if metrics else {},
         **tested(path, ckpt),
         selection_score=score,
@@ -211,6 +234,83 @@ def train_and_test(cfg: DictConfig, out_dir: Path) -> dict:
         **{"train/epoch_time_s": epoch_time},
         wall_time_s=time.perf_counter() - start,
     )
+
+
+def orphan_dirs(datamodule) -> list[Path]:
+    """Where killed writers may have left temp files: the data dir's dataset folders, the
+    cache folders and the run's checkpoint folder."""
+    dirs = [Path(HydraConfig.get().runtime.output_dir), *Path(datamodule.data_dir).glob("*/")]
+    cache = getattr(datamodule, "cache_dir", None)
+    if cache is not None:
+        dirs += list(Path(cache).glob("*/"))
+    dirs += [Path(HydraConfig.get().runtime.output_dir) / "checkpoints"]
+    return dirs
+
+
+def interrupted(cfg: DictConfig, stop: runner.SignalStop, start: float, lock) -> dict:
+    """results.json of a run stopped by a signal: epochs saved and the command that resumes."""
+    hc = HydraConfig.get()
+    last = runner.existing(last_checkpoint(cfg))
+    if last is not None and lock is not None and Path(last).stat().st_mtime < lock.mtime:
+        last = None  # an older run's file (same filesystem clock as the lock taken at start)
+    if cfg.ckpt_path is not None and last is None and cfg.train:
+        last = runner.existing(cfg.ckpt_path)  # stopped before its first checkpoint
+    resume = runner.resume_command(
+        hc.runtime.cwd,
+        sys.executable,
+        sys.argv[0],
+        list(hc.overrides.task),
+        hc.runtime.output_dir,
+        last if cfg.train else None,
+        hc.job.config_name,
+    )
+    return runner.summary(
+        run_info(cfg),
+        status="interrupted",
+        error=f"interrupted by {stop.name}",
+        signal=stop.name,
+        epoch=runner.checkpoint_epoch(last) or 0,
+        last_ckpt=last,
+        resume=resume,
+        wall_time_s=time.perf_counter() - start,
+    )
+
+
+def skipped_jobs() -> str:
+    """Which jobs of a -m sweep did not run because this one was interrupted."""
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return ""
+    jobs = sweep_jobs()
+    num = hc.job.num
+    if jobs is None:
+        return f"; the sweep stops: the jobs after job {num} did not run"
+    rest = jobs[num + 1 :]
+    if not rest:
+        return "; it was the sweep's last job"
+    listed = ", ".join(f"#{num + 1 + i} ({' '.join(o)})" for i, o in enumerate(rest))
+    return f"; the sweep stops: {len(rest)} job(s) did not run: {listed}"
+
+
+def sweep_jobs() -> list[list[str]] | None:
+    """The overrides of every job of this sweep, as Hydra's basic sweeper splits them (None
+    with another sweeper)."""
+    hc = HydraConfig.get()
+    basic = str(hc.sweeper.get("_target_", "")).endswith("BasicSweeper")
+    if not basic or not str(hc.launcher.get("_target_", "")).endswith("BasicLauncher"):
+        return None  # another sweeper, or jobs run in parallel
+    try:
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        parser = OverridesParser.create()
+        params = [f"{k}={v}" for k, v in (hc.sweeper.get("params") or {}).items()]
+        argv = [a for a in sys.argv[1:] if not a.startswith(("-", "hydra.", "hydra/"))]
+        overrides = parser.parse_overrides(params) + parser.parse_overrides(argv)
+        batches = BasicSweeper.split_arguments(overrides, None)
+    except Exception:  # a sweep Hydra ran but we cannot re-split: say less
+        return None
+    return [list(job) for batch in batches for job in batch]
 
 
 def one_line(summary: dict, out_dir: str, trained: bool = True) -> str:
@@ -478,24 +578,19 @@ def refuse(message: str, out_dir: Path, was_fresh: bool) -> None:
     if (
         was_fresh
         and not (checkpoints.is_dir() and any(checkpoints.iterdir()))
+        and not (out_dir / files.RunLock.NAME).exists()  # another run's (ours is released)
         and out_dir not in (Path.cwd(), *Path.cwd().parents)
     ):
         shutil.rmtree(out_dir, ignore_errors=True)
     fail(message, out_dir=out_dir)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a synced temporary file in the same folder."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def write_config(out_dir: Path, resolved: dict, verbose: bool) -> None:
+    """``<run dir>/config.yaml``, the resolved config (atomically); printed with verbose=true."""
+    text = OmegaConf.to_yaml(resolved)
+    files.atomic_write(out_dir / "config.yaml", lambda f: f.write(text.encode()))
+    if verbose:
+        print(text)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -512,25 +607,44 @@ def main(cfg: DictConfig) -> float | None:
     verbose = bool(cfg.get("verbose", False))
     if verbose:
         logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.INFO)
-    if rank_zero_only.rank == 0:
-        text = OmegaConf.to_yaml(resolved)
-        write_atomic(out_dir / "config.yaml", text)
-        if verbose:
-            print(text)
+    rank0 = rank_zero_only.rank == 0
+    start = time.perf_counter()
     try:
-        summary = train_and_test(cfg, out_dir)
+        # one run per run dir (rank 0 holds the lock; the other DDP processes share the dir)
+        lock = files.RunLock(out_dir) if rank0 else None
+        with lock or nullcontext(), runner.SignalStop() as stop:
+            if rank0:
+                write_config(out_dir, resolved, verbose)
+            try:
+                summary = train_and_test(cfg, stop)
+            except BaseException:
+                if stop.signum is None:
+                    raise
+                summary = interrupted(cfg, stop, start, lock)
+            stop.quiet = True  # the work is done: a signal now waits until results.json is written
+            if rank0:  # one results.json per run, also under DDP
+                write_results(out_dir, summary)
     except (ValueError, InstantiationException, FileNotFoundError) as err:
         cause = err
         while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
             cause = cause.__cause__
         refuse(str(cause), out_dir, was_fresh)
+    except files.DiskFullError as err:
+        fail(str(err), code=3, out_dir=out_dir)
     except Exception as err:  # a crash: Hydra prints the traceback, the run's log keeps a line
         file_log.error("%s: %s", type(err).__name__, _first_line(err))
         raise
-    summary["smoke"] = bool(cfg.trainer.get("fast_dev_run"))
-    if rank_zero_only.rank == 0:  # one results.json per run, also under DDP
-        (out_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     finish_wandb()
+    if summary["status"] == "interrupted":  # also stops a -m sweep: say which jobs did not run
+        message = f"{summary['error']} after {summary['epoch']} saved epoch(s)"
+        if stop.requeue and rank0 and runner.requeue_slurm_job():
+            message += "; the SLURM job is requeued and resumes from last.ckpt"
+        elif summary["resume"]:
+            message += f"; resume with: {summary['resume']}"
+        fail(message + skipped_jobs(), code=stop.exit_code, out_dir=out_dir)
+    if stop.signum is not None:  # arrived as this job ended: its results stand, a sweep stops
+        print(f"error: {stop.name} received as the run ended{skipped_jobs()}", file=sys.stderr)
+        sys.exit(stop.exit_code)
     if summary["status"] != "ok":
         message = f"{summary['error']} (results.json: {out_dir}/results.json)"
         if HydraConfig.get().mode == RunMode.MULTIRUN:  # the sweep's other jobs still run
@@ -543,6 +657,16 @@ def main(cfg: DictConfig) -> float | None:
         print(line)
         file_log.info(line)
     return summary.get(cfg.objective)  # what a sweeper such as Optuna optimises
+
+
+def write_results(out_dir: Path, summary: dict) -> None:
+    """results.json, atomically; a full disk here still reports the run's own status."""
+    try:
+        files.write_json(out_dir / "results.json", summary)
+    except files.DiskFullError as err:
+        if summary["status"] == "ok":
+            raise
+        log.error("%s", err)
 
 
 def finish_wandb() -> None:

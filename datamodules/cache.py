@@ -6,6 +6,13 @@ the source files' identity (absolute path, size, modification time in ns), ``dt`
 ``n_in``, ``n_classes`` and the cache format version. Any change to those gives a new key, so a
 stale entry is never read. Each split keeps its ``KEEP`` most recently used entries (a sweep over
 dt or T does not rebuild every time); older ones are deleted when a new one is written.
+
+Entries are written atomically (``dblock.files.atomic_path``) and carry a checksum of their
+arrays: the meta record, written last, holds the CRC-32 of every array member of the ``.npz``
+(zip) file. ``np.load`` already verifies each member's bytes against the CRC-32 in the zip
+directory as it reads them, so comparing those directory CRCs with the recorded ones costs no
+extra pass over the data, yet an entry whose arrays were replaced (even by a well-formed file
+with the right key) or damaged is rebuilt from the source instead of being used.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -21,10 +29,11 @@ import numpy as np
 import torch
 
 from datamodules.events import EventStore
+from dblock.files import atomic_path, remove_orphans
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: array checksums in the meta record
 KEEP = 4  # entries kept per split
 ARRAYS = ("units", "bins", "offsets", "labels", "dropped", "raw_counts")
 
@@ -45,18 +54,21 @@ def cache_key(sources: list, **params) -> str:
 
 
 def save_store(path: Path, store: EventStore, key: str) -> None:
-    """Write ``store`` to ``path`` atomically (written aside, then renamed)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    """Write ``store`` to ``path`` atomically, with the CRC-32 of each array in its meta record."""
     arrays = {k: getattr(store, k).numpy() for k in ARRAYS if getattr(store, k) is not None}
-    meta = json.dumps({"key": key, "n_in": store.n_in, "t_len": store.t_len})
-    with open(tmp, "wb") as f:
-        np.savez(f, meta=np.array(meta), **arrays)
-    tmp.replace(path)
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
+        for name, array in arrays.items():  # what np.savez writes, member by member
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
+        crc = {info.filename: info.CRC for info in zf.infolist()}
+        meta = json.dumps({"key": key, "n_in": store.n_in, "t_len": store.t_len, "crc": crc})
+        with zf.open("meta.npy", "w") as member:
+            np.lib.format.write_array(member, np.array(meta), allow_pickle=False)
 
 
 def load_store(path: Path, key: str) -> EventStore | None:
-    """The store cached at ``path``, or None when it is absent, unreadable or of another key."""
+    """The store cached at ``path``, or None when it is absent, unreadable, of another key or
+    fails its checksums (the zip's CRC-32 of every member, checked while it is read)."""
     if not path.is_file():
         return None
     try:
@@ -64,8 +76,16 @@ def load_store(path: Path, key: str) -> EventStore | None:
             meta = json.loads(str(z["meta"]))
             if meta.get("key") != key:
                 return None
+            crc = {i.filename: i.CRC for i in z.zip.infolist() if i.filename != "meta.npy"}
+            if crc != meta.get("crc"):
+                log.warning(
+                    "cache file %s does not match its checksums (changed after it was written); "
+                    "rebuilding it",
+                    path,
+                )
+                return None
             arrays = {k: torch.from_numpy(z[k]) if k in z else None for k in ARRAYS}
-    except Exception as err:  # a truncated or foreign file: rebuild it
+    except Exception as err:  # a truncated, damaged or foreign file: rebuild it
         log.warning("ignoring unreadable cache file %s (%s); rebuilding it", path, err)
         return None
     return EventStore(n_in=meta["n_in"], t_len=meta["t_len"], **arrays)
@@ -95,6 +115,7 @@ def cached_store(
         return build()
     key = cache_key(file_identity(sources), **params)
     path = Path(cache_dir) / f"{name}-{key}.npz"
+    remove_orphans([cache_dir])  # temp files of killed writers
     store = load_store(path, key)
     if store is not None:
         log.debug("%s: read from cache %s", name, path)

@@ -8,7 +8,6 @@ whatever device the store lives on, by one scatter-add per batch.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -16,6 +15,8 @@ import h5py
 import numpy as np
 import torch
 from torch import Tensor
+
+from dblock.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -287,12 +288,12 @@ def write_h5(
 ) -> None:
     """Write events in the SHD HDF5 layout: vlen float16 times (s), vlen uint16 units.
 
-    The file appears atomically (written aside, then renamed), with ``attrs`` on its root.
+    The file appears atomically (``dblock.files.atomic_path``), with ``attrs`` on its root.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # one per process: parallel jobs
-    with h5py.File(tmp, "w") as f:
+    # one temp file per process (parallel jobs) beside the target, fsynced, then renamed;
+    # a failure removes it, and a killed writer's is removed at the next start
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         spikes = f.create_group("spikes")
         t_ds = spikes.create_dataset("times", (len(times),), dtype=h5py.vlen_dtype(np.float16))
         u_ds = spikes.create_dataset("units", (len(units),), dtype=h5py.vlen_dtype(np.uint16))
@@ -307,4 +308,3 @@ def write_h5(
         spk = speakers if speakers is not None else np.zeros(len(labels), dtype=np.uint16)
         extra.create_dataset("speaker", data=np.asarray(spk, dtype=np.uint16))
         f.attrs.update(attrs or {})
-    tmp.replace(path)

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 from functools import cache
 from pathlib import Path
 
+from dblock.functional.block import KERNELS
 from dblock.models.classifier import MODELS
 
 MONITORS = ("train/loss", "train/acc", "val/loss", "val/acc")
@@ -52,6 +53,13 @@ def check_config(cfg: Mapping) -> None:
                 f"d={d!r} is not allowed: d must be an integer in 1..T, and T={t_len} "
                 f"(dataset.t_len); choose d in 1..{t_len}"
             )
+        kernel = model.get("kernel", "auto")
+        if kernel not in KERNELS:
+            raise ConfigError(
+                f"model.kernel={kernel!r} is unknown; choose one of: {', '.join(KERNELS)}"
+            )
+        if model.get("chunk") is not None:
+            _int_at_least("model.chunk", model.get("chunk"), 1)
     _int_at_least("dataset.batch_size", (cfg.get("dataset") or {}).get("batch_size"), 1)
     trainer = cfg.get("trainer") or {}
     epochs = trainer.get("max_epochs")

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import random
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.plugins import TorchCheckpointIO
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
+
+from dblock.files import atomic_write
 
 STAGES = ("train", "val", "test")
 log = logging.getLogger(__name__)
@@ -51,6 +56,9 @@ class SNNTask(pl.LightningModule):
             self.acc[f"{s}_spikes"] = MeanMetric(nan_strategy="disable")
         self.epoch_times: list[float] = []
         self._epoch_start = 0.0
+        # the run's model and dataset config (plain types), stored in every checkpoint so that a
+        # resume or an evaluation can refuse a checkpoint written for another model or data
+        self.run_config: dict | None = None
 
     def forward(self, x: Tensor):
         return self.model(x)
@@ -118,6 +126,8 @@ class SNNTask(pl.LightningModule):
             )
         checkpoint["epoch_times"] = list(self.epoch_times)
         checkpoint["rng"] = rng_state()
+        if self.run_config is not None:
+            checkpoint["dblock_config"] = self.run_config
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.epoch_times = list(checkpoint.get("epoch_times", []))
@@ -133,6 +143,42 @@ class SNNTask(pl.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
         }
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written atomically in their own directory (``dblock.files.atomic_write``).
+
+    Lightning's default stages the file in ``$TMPDIR`` and, when that is another filesystem (a
+    local ``$TMPDIR`` with the run dir on NFS or Lustre, or a tmpfs), falls back to truncating the
+    target and copying into it: a kill or a full disk then destroys the previous checkpoint. Here
+    the temp file sits beside the target, is fsynced and renamed over it, so every checkpoint
+    callback (``last``, ``best``, the paper recipe's) leaves either the old or the new file.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO takes no storage_options")
+        # serialised first, as Lightning does: torch.save into a file turns an OSError from the
+        # file (ENOSPC) into a RuntimeError, and a full disk must be reported as such
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        atomic_write(path, lambda f: f.write(buffer.getbuffer()))
+
+
+def order_checkpoints(callbacks: list) -> list:
+    """Checkpoint callbacks with a monitor (best, the paper recipe) before those without (last).
+
+    All of them write at the end of the training epoch, in list order, and each file holds
+    every callback's state: ``last.ckpt`` must be written last, so that it records this epoch's
+    best score and a resume from it selects exactly as an uninterrupted run would.
+    """
+    ckpts = [c for c in callbacks if isinstance(c, pl.callbacks.ModelCheckpoint)]
+    ordered = iter(
+        [c for c in ckpts if c.monitor is not None] + [c for c in ckpts if c.monitor is None]
+    )
+    return [next(ordered) if isinstance(c, pl.callbacks.ModelCheckpoint) else c for c in callbacks]
 
 
 class PaperRecipe(pl.callbacks.ModelCheckpoint):
@@ -155,6 +201,8 @@ class PaperRecipe(pl.callbacks.ModelCheckpoint):
         **kwargs,
     ) -> None:
         kwargs.setdefault("save_on_train_epoch_end", True)
+        # one file, rewritten: a restart after a kill must not write best-train-loss-v1.ckpt
+        kwargs.setdefault("enable_version_counter", False)
         super().__init__(
             monitor=monitor,
             mode=mode,

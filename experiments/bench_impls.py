@@ -19,6 +19,8 @@ from dblock import functional as F
 from dblock.nn.layers import HIDDEN_BETA, DBlockLayer, LIFLayer, Projection
 
 PEERS = ("snntorch", "norse", "norse_compiled", "spikingjelly")
+# dblock's d-block layer with the kernel ``auto`` picks for the device, or a named kernel
+DBLOCK_KERNELS = {"dblock": "auto", "dblock_loop": "loop", "dblock_chunked": "chunked"}
 
 
 class Unavailable(Exception):
@@ -156,10 +158,11 @@ def build(
     layer_in = n_in if scope == "layer" else None
     if impl == "floor":
         return nn.Linear(n_in, n).to(device)
-    if impl in ("dblock", "standard", "paper_style"):
+    if impl in (*DBLOCK_KERNELS, "standard", "paper_style"):
         if scope == "layer":
-            if impl == "dblock":
-                return DBlockLayer(n_in, n, d, recurrent=recurrent).to(device)
+            if impl in DBLOCK_KERNELS:
+                kernel = DBLOCK_KERNELS[impl]
+                return DBlockLayer(n_in, n, d, recurrent=recurrent, kernel=kernel).to(device)
             if impl == "standard":
                 return LIFLayer(n_in, n, recurrent=recurrent).to(device)
             return PaperStyleLayer(n_in, n, recurrent).to(device)
@@ -176,7 +179,8 @@ def build(
 
 
 class _NeuronsOnly(nn.Module):
-    """dblock's neuron functions (or the paper-style loop) on a given current (T, B, N)."""
+    """dblock's neuron functions (or the paper-style loop) on a given current (T, B, N); a
+    d-block ``impl`` names its kernel (``DBLOCK_KERNELS``)."""
 
     def __init__(self, impl: str, n: int, d: int | None, recurrent: bool) -> None:
         super().__init__()
@@ -190,8 +194,9 @@ class _NeuronsOnly(nn.Module):
 
     def forward(self, current: Tensor) -> Tensor:
         beta = self.beta.clamp(0, 1)
-        if self.impl == "dblock":
-            return F.dblock_neurons(current, beta, self.d, self.weight, self.bias)
+        if self.impl in DBLOCK_KERNELS:
+            kernel = DBLOCK_KERNELS[self.impl]
+            return F.dblock_neurons(current, beta, self.d, self.weight, self.bias, kernel=kernel)
         if self.impl == "standard":
             return F.lif_neurons(current, beta, self.weight, self.bias)
         return paper_style_neurons(current.permute(1, 2, 0), beta, self.weight, self.bias)

@@ -6,7 +6,10 @@ interleaved rounds (median reported): the floor (``nn.Linear`` alone on the cont
 time-major input), dblock's d-block layer for each d, dblock's standard layer, the paper-style
 (B, N, T)-indexed standard loop, and the
 peers that are installed (``pip install -e ".[bench]"``). Both whole-layer (x -> spikes) and
-neurons-only (current -> spikes) times, and the peak fwd+bwd memory of one call. Rows are
+neurons-only (current -> spikes) times, the peak fwd+bwd memory of one call, and the ATen ops
+one fwd+bwd issues (``aten_ops``, a proxy for GPU launches; ``dblock`` runs the kernel ``auto``
+picks for the device, ``dblock_loop`` / ``dblock_chunked`` name one, e.g. ``--impls
+dblock_chunked`` on the CPU counts the ops of the GPU's kernel). Rows are
 appended to a CSV as each point finishes; rows already there are skipped (resumable).
 
     MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000 \\
@@ -22,16 +25,19 @@ import os
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.bench_impls import PEERS, Unavailable, build  # noqa: E402
+from experiments.bench_impls import DBLOCK_KERNELS, PEERS, Unavailable, build  # noqa: E402
 
 log = logging.getLogger("bench_speed")
-COLUMNS = "panel,mode,impl,scope,d,t_len,n_hidden,n_in,batch,device,time_ms,peak_mem_mb".split(",")
+COLUMNS = (
+    "panel,mode,impl,scope,d,t_len,n_hidden,n_in,batch,device,time_ms,peak_mem_mb,aten_ops"
+).split(",")
 KEY = COLUMNS[:10]
 D_VALUES = (5, 10, 15, 20, 25, 30)
 GRIDS = {  # panel -> (mode, [(t_len, n_hidden)], n_in)
@@ -101,12 +107,22 @@ def peak_memory_mb(fn, arg: torch.Tensor, params: list[torch.Tensor], device: st
     return peak / 2**20
 
 
+def count_aten_ops(fn, arg: torch.Tensor, params: list[torch.Tensor]) -> int:
+    """ATen ops one forward + backward issues: the leaf ``aten::`` events the torch profiler
+    records on the host (a proxy for GPU kernel launches). Call after a warm-up."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run_once(fn, arg, params)
+    return sum(1 for e in prof.events() if not e.cpu_children and e.name.startswith("aten::"))
+
+
 def point_cases(args, mode: str, n_in: int, n: int, t_len: int) -> list[tuple]:
     """(impl, scope, d) triples to time at one grid point."""
     cases = [("floor", "layer", None)]
     d_values = [d for d in args.d if d <= t_len]
     for scope in args.scopes:
-        cases += [("dblock", scope, d) for d in d_values]
+        cases += [(impl, scope, d) for impl in DBLOCK_KERNELS for d in d_values]
         cases += [(impl, scope, None) for impl in ("standard", "paper_style") if impl in args.impls]
         cases += [(p, scope, None) for p in PEERS if p in args.impls]
     return [c for c in cases if c[0] == "floor" or c[0] in args.impls]
@@ -143,22 +159,30 @@ def measure_point(args, panel: str, mode: str, n_in: int, n: int, t_len: int, do
             log.warning("skipping %s (%s, %s): %s: %s", impl, scope, mode, type(err).__name__, err)
             continue
         runners.append(((impl, scope, d), fn, arg, params))
-    times = {r[0]: [] for r in runners}
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    for _ in range(args.rounds):  # interleaved: one call of each case per round
-        for case, fn, arg, params in runners:
-            sync(device)
-            start = clock()
-            run_once(fn, arg, params)
-            sync(device)
-            times[case].append(clock() - start)
+    calls = {case: partial(run_once, fn, arg, params) for case, fn, arg, params in runners}
+    times = interleaved_medians(calls, args.rounds, device, args.clock)
     rows = []
     for case, fn, arg, params in runners:
         impl, scope, d = case
         mem = peak_memory_mb(fn, arg, params, device) if args.memory else float("nan")
-        ms = statistics.median(times[case]) * 1e3
-        rows.append(base + [impl, scope, d or ""] + key_tail + [f"{ms:.3f}", f"{mem:.2f}"])
+        ops = count_aten_ops(fn, arg, params)
+        ms = times[case] * 1e3
+        rows.append(base + [impl, scope, d or ""] + key_tail + [f"{ms:.3f}", f"{mem:.2f}", ops])
     return rows
+
+
+def interleaved_medians(calls: dict, rounds: int, device: str, clock: str = "wall") -> dict:
+    """Median seconds of each call, timed in interleaved rounds (one call of each per round)."""
+    timer = time.process_time if clock == "cpu" else time.perf_counter
+    times = {key: [] for key in calls}
+    for _ in range(rounds):
+        for key, call in calls.items():
+            sync(device)
+            start = timer()
+            call()
+            sync(device)
+            times[key].append(timer() - start)
+    return {key: statistics.median(t) for key, t in times.items()}
 
 
 def sync(device: str) -> None:
@@ -167,11 +191,17 @@ def sync(device: str) -> None:
 
 
 def read_done(path: Path) -> set:
-    """Keys of the rows already in the CSV."""
+    """Keys of the rows already in the CSV; ``SystemExit`` if it has other columns."""
     if not path.exists():
         return set()
     with path.open() as f:
-        return {tuple(row[k] for k in KEY) for row in csv.DictReader(f)}
+        reader = csv.DictReader(f)
+        if reader.fieldnames and reader.fieldnames != COLUMNS:
+            raise SystemExit(
+                f"error: {path} has the columns of another version of this benchmark "
+                f"({','.join(reader.fieldnames)}); write to a new file with --out"
+            )
+        return {tuple(row[k] for k in KEY) for row in reader}
 
 
 def grid_points(args) -> list[tuple]:

@@ -4,7 +4,10 @@
 
 For every (panel, mode, t_len, n_hidden, device): the d-block layer over the floor, the speedup
 of the d-block over dblock's standard layer (whole layer and neurons only: standard time /
-d-block time), each other implementation's whole-layer time over the d-block's, and peak memory.
+d-block time), each other implementation's whole-layer time over the d-block's, peak memory, and
+the ATen ops per fwd+bwd of the d-block layer and the standard one (CSVs that have them). When
+the CSV holds both d-block kernels (``--impls dblock_loop,dblock_chunked``), a second table
+compares them: chunked time / loop time, layer and neurons only, and their op counts.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ OTHERS = ("paper_style", "snntorch", "norse", "norse_compiled", "spikingjelly")
 
 
 def load(path: str) -> dict:
-    """{(panel, mode, t_len, n_hidden, device): {(impl, scope, d): (time_ms, peak_mem_mb)}}."""
+    """{(panel, mode, t_len, n_hidden, device): {(impl, scope, d): (time_ms, peak_mem_mb,
+    aten_ops or None)}}."""
     points: dict = defaultdict(dict)
     with open(path) as f:
         for r in csv.DictReader(f):
@@ -25,6 +29,7 @@ def load(path: str) -> dict:
             points[key][(r["impl"], r["scope"], r["d"])] = (
                 float(r["time_ms"]),
                 float(r["peak_mem_mb"]),
+                int(r["aten_ops"]) if r.get("aten_ops") else None,
             )
     return points
 
@@ -38,6 +43,7 @@ def table(points: dict) -> str:
     head = (
         "| panel | mode | T | n | d | floor ms | dblock layer/floor | speedup layer | "
         "speedup neurons | " + " | ".join(f"{o}/dblock" for o in OTHERS) + " | mem dblock/std |"
+        " ops dblock | ops std |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for key in sorted(points):
@@ -60,15 +66,53 @@ def table(points: dict) -> str:
                 f"{_fmt(lay[0] / floor if lay and floor else None, 3)} | "
                 f"{_fmt(ratio(std, lay))} | {_fmt(ratio(std_n, neu))} | "
                 + " | ".join(_fmt(o) for o in others)
-                + f" | {_fmt(mem)} |"
+                + f" | {_fmt(mem)} | {_ops(lay)} | {_ops(std)} |"
             )
     return "\n".join(lines)
+
+
+def _ops(case: tuple | None) -> str:
+    return "-" if case is None or case[2] is None else str(case[2])
+
+
+def kernel_table(points: dict) -> str | None:
+    """Chunked over loop kernel, per point and d; None when the CSV does not hold both."""
+    head = (
+        "| panel | mode | T | n | d | chunked/loop layer | chunked/loop neurons | ops loop | "
+        "ops chunked |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for key in sorted(points):
+        cases = points[key]
+        for d in sorted({int(d) for impl, _, d in cases if impl == "dblock_loop"}):
+            get = {
+                (impl, scope): cases.get((f"dblock_{impl}", scope, str(d)))
+                for impl in ("loop", "chunked")
+                for scope in ("layer", "neurons")
+            }
+            if get["chunked", "layer"] is None and get["chunked", "neurons"] is None:
+                continue
+            ratios = [
+                _fmt(get["chunked", s][0] / get["loop", s][0])
+                if get["chunked", s] and get["loop", s]
+                else "-"
+                for s in ("layer", "neurons")
+            ]
+            lines.append(
+                f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {d} | {ratios[0]} | {ratios[1]} | "
+                f"{_ops(get['loop', 'layer'])} | {_ops(get['chunked', 'layer'])} |"
+            )
+    return "\n".join(lines) if len(lines) > 2 else None
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("csv")
-    print(table(load(p.parse_args(argv).csv)))
+    points = load(p.parse_args(argv).csv)
+    print(table(points))
+    kernels = kernel_table(points)
+    if kernels:
+        print("\n" + kernels)
 
 
 if __name__ == "__main__":

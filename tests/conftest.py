@@ -9,6 +9,17 @@ import pytest
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+import torch  # noqa: E402
+
+# The device the kernel equivalence tests run on: experiments/gpu_check.py sets it to cuda.
+DEVICE = torch.device(os.environ.get("DBLOCK_TEST_DEVICE", "cpu"))
+
+
+@pytest.fixture(params=["loop", "chunked"])
+def kernel(request) -> str:
+    """Every d-block kernel passes the same equivalence tests."""
+    return request.param
+
 
 # --- tiny datasets in the real formats -------------------------------------------------------
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import csv
 
-from experiments import bench_speed
+import pytest
+
+from experiments import bench_speed, bench_summary
 
 
-def test_bench_speed_quick_writes_and_resumes(tmp_path):
+def test_bench_speed_quick_writes_and_resumes(tmp_path, capsys):
     out = tmp_path / "bench.csv"
     argv = [
         "--quick",
@@ -20,7 +22,7 @@ def test_bench_speed_quick_writes_and_resumes(tmp_path):
         "--out",
         str(out),
         "--impls",
-        "dblock,standard,paper_style",
+        "dblock,dblock_loop,dblock_chunked,standard,paper_style",
     ]
     bench_speed.main(argv)
     with out.open() as f:
@@ -32,9 +34,21 @@ def test_bench_speed_quick_writes_and_resumes(tmp_path):
             assert (impl, "neurons", mode) in impls and (impl, "layer", mode) in impls
         assert ("floor", "layer", mode) in impls
     assert {r["d"] for r in rows if r["impl"] == "dblock"} == {"2", "4"}
-    assert all(r["d"] == "" for r in rows if r["impl"] != "dblock")
+    assert {r["d"] for r in rows if r["impl"] == "dblock_chunked"} == {"2", "4"}
+    assert all(r["d"] == "" for r in rows if not r["impl"].startswith("dblock"))
     assert all(float(r["time_ms"]) > 0 and float(r["peak_mem_mb"]) >= 0 for r in rows)
+    assert all(int(r["aten_ops"]) > 0 for r in rows)
     n_rows = len(rows)
+    bench_summary.main([str(out)])
+    summary = capsys.readouterr().out
+    assert "ops dblock" in summary and "chunked/loop layer" in summary
     bench_speed.main(argv)  # resumable: nothing left to do, no duplicate rows
     with out.open() as f:
         assert len(list(csv.DictReader(f))) == n_rows
+
+
+def test_bench_speed_refuses_a_csv_with_other_columns(tmp_path):
+    out = tmp_path / "old.csv"
+    out.write_text("panel,mode,impl,scope,d,t_len,n_hidden,n_in,batch,device,time_ms,peak_mem_mb\n")
+    with pytest.raises(SystemExit, match="another version"):
+        bench_speed.main(["--quick", "--out", str(out)])

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
 from dblock import functional as F
 from dblock.functional import reference as R
+from tests.conftest import DEVICE
 
 SHAPES = [  # (B, N, T, d)
     (3, 5, 20, 3),
@@ -27,13 +30,13 @@ def make(b, n, t, seed=0, dtype=torch.float64):
     beta = (torch.rand(n, generator=g, dtype=dtype) * 0.9 + 0.05).requires_grad_()
     weight = (torch.randn(n, n, generator=g, dtype=dtype) * 0.7).requires_grad_()
     bias = (torch.randn(n, generator=g, dtype=dtype) * 0.2).requires_grad_()
-    return current, beta, weight, bias
+    return [x.detach().to(DEVICE).requires_grad_() for x in (current, beta, weight, bias)]
 
 
 def grads(fn, inputs, seed=1):
     out = fn()
     g = torch.Generator().manual_seed(seed)
-    probe = torch.randn(out.shape, generator=g, dtype=out.dtype)
+    probe = torch.randn(out.shape, generator=g, dtype=out.dtype).to(out.device)
     got = torch.autograd.grad((out * probe).sum(), inputs, allow_unused=True)
     # an input that cannot matter (beta when every block has length 1) has zero gradient
     return out, [torch.zeros_like(x) if g is None else g for g, x in zip(got, inputs, strict=True)]
@@ -41,13 +44,13 @@ def grads(fn, inputs, seed=1):
 
 @pytest.mark.parametrize("b,n,t,d", SHAPES)
 @pytest.mark.parametrize("mode", ["feedforward", "detached", "attached"])
-def test_dblock_matches_reference(b, n, t, d, mode):
+def test_dblock_matches_reference(b, n, t, d, mode, kernel):
     current, beta, weight, bias = make(b, n, t, seed=b * 100 + t)
     kw = {}
     if mode != "feedforward":
         kw = dict(recurrent_weight=weight, recurrent_bias=bias, detach_recurrent=mode == "detached")
     inputs = [current, beta] + ([weight, bias] if kw else [])
-    fast, fast_g = grads(lambda: F.dblock_neurons(current, beta, d, **kw), inputs)
+    fast, fast_g = grads(lambda: F.dblock_neurons(current, beta, d, **kw, kernel=kernel), inputs)
     ref, ref_g = grads(lambda: R.dblock_neurons(current, beta, d, **kw), inputs)
     assert fast.shape == (t, b, n)
     assert torch.equal(fast, ref)
@@ -57,17 +60,17 @@ def test_dblock_matches_reference(b, n, t, d, mode):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
-def test_dblock_float32_spikes_match_reference():
+def test_dblock_float32_spikes_match_reference(kernel):
     current, beta, weight, bias = make(8, 16, 64, dtype=torch.float32)
-    fast = F.dblock_neurons(current, beta, 8, weight, bias)
+    fast = F.dblock_neurons(current, beta, 8, weight, bias, kernel=kernel)
     ref = R.dblock_neurons(current, beta, 8, weight, bias)
     assert (fast != ref).float().mean() < 1e-3  # float32 rounding may flip a spike at U == 1
 
 
 @pytest.mark.parametrize("b,n,t,d", SHAPES)
-def test_one_spike_per_block(b, n, t, d):
+def test_one_spike_per_block(b, n, t, d, kernel):
     current, beta, weight, bias = make(b, n, t)
-    spikes = F.dblock_neurons(current * 3, beta, d, weight, bias)
+    spikes = F.dblock_neurons(current * 3, beta, d, weight, bias, kernel=kernel)
     start = 0
     for length in F.block_lengths(t, d):
         assert spikes[start : start + length].sum(0).max() <= 1
@@ -82,31 +85,31 @@ def test_block_lengths():
     assert sum(F.block_lengths(500, 30)) == 500
 
 
-def test_recurrent_spike_arrives_at_next_block_start():
+def test_recurrent_spike_arrives_at_next_block_start(kernel):
     """Neuron 0 fires mid-block 0; neuron 1 (no input of its own) fires at block 1's start."""
     t, d = 12, 3  # blocks [0,4) [4,8) [8,12)
-    current = torch.zeros(t, 1, 2, dtype=torch.float64)
+    current = torch.zeros(t, 1, 2, dtype=torch.float64, device=DEVICE)
     current[2, 0, 0] = 5.0  # neuron 0 fires at t = 2, in block 0 only
-    beta = torch.full((2,), 0.5, dtype=torch.float64)
-    weight = torch.tensor([[0.0, 0.0], [5.0, 0.0]], dtype=torch.float64)
-    for fn in (F.dblock_neurons, R.dblock_neurons):
+    beta = torch.full((2,), 0.5, dtype=torch.float64, device=DEVICE)
+    weight = torch.tensor([[0.0, 0.0], [5.0, 0.0]], dtype=torch.float64, device=DEVICE)
+    for fn in (partial(F.dblock_neurons, kernel=kernel), R.dblock_neurons):
         spikes = fn(current, beta, d, weight, None)
         assert spikes[:, 0, 0].nonzero().flatten().tolist() == [2]
         assert spikes[:, 0, 1].nonzero().flatten().tolist() == [4]
 
 
-def test_recurrent_effect_is_delayed_by_one_block():
+def test_recurrent_effect_is_delayed_by_one_block(kernel):
     current, beta, weight, bias = make(2, 6, 24)
-    base = F.dblock_neurons(current, beta, 4, weight, bias)
-    other = F.dblock_neurons(current, beta, 4, weight * 3, bias + 1)
+    base = F.dblock_neurons(current, beta, 4, weight, bias, kernel=kernel)
+    other = F.dblock_neurons(current, beta, 4, weight * 3, bias + 1, kernel=kernel)
     assert torch.equal(base[:6], other[:6])  # block 0 cannot see the recurrence
     assert not torch.equal(base[6:], other[6:])
 
 
-def test_d1_recurrence_has_no_effect():
+def test_d1_recurrence_has_no_effect(kernel):
     current, beta, weight, bias = make(3, 5, 30)
-    ff = F.dblock_neurons(current, beta, 1)
-    rec = F.dblock_neurons(current, beta, 1, weight, bias)
+    ff = F.dblock_neurons(current, beta, 1, kernel=kernel)
+    rec = F.dblock_neurons(current, beta, 1, weight, bias, kernel=kernel)
     assert torch.equal(ff, rec)
 
 
@@ -139,8 +142,8 @@ def test_lif_matches_reference(b, n, t, d, recurrent):
 
 
 def test_lif_multi_spike_and_reset():
-    current = torch.full((6, 1, 1), 1.5, dtype=torch.float64)
-    spikes = F.lif_neurons(current, torch.tensor([1.0], dtype=torch.float64))
+    current = torch.full((6, 1, 1), 1.5, dtype=torch.float64, device=DEVICE)
+    spikes = F.lif_neurons(current, torch.tensor([1.0], dtype=torch.float64, device=DEVICE))
     # V: 1.5 (S) -> 0.5+1.5=2.0 (S) -> 2.5 (S) ...: a neuron may fire at every step
     assert spikes.flatten().tolist() == [1.0] * 6
 
@@ -157,9 +160,9 @@ def test_readout_matches_reference(d, reduce):
 
 
 def test_readout_restarts_at_blocks():
-    current = torch.zeros(6, 1, 1, dtype=torch.float64)
+    current = torch.zeros(6, 1, 1, dtype=torch.float64, device=DEVICE)
     current[0, 0, 0] = 1.0
-    beta = torch.tensor([0.5], dtype=torch.float64)
+    beta = torch.tensor([0.5], dtype=torch.float64, device=DEVICE)
     assert F.leaky_readout(current, beta, None).item() == pytest.approx(
         1 + 0.5 + 0.25 + 0.125 + 0.0625 + 0.03125
     )

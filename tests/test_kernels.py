@@ -1,6 +1,8 @@
-"""The linear-time d-block kernel against the step-by-step reference: long blocks, odd layouts."""
+"""Every d-block kernel against the step-by-step reference: long blocks, odd layouts."""
 
 from __future__ import annotations
+
+from functools import partial
 
 import pytest
 import torch
@@ -8,6 +10,7 @@ import torch
 from dblock import functional as F
 from dblock.functional import reference as R
 from dblock.functional.block_kernel import block_groups
+from tests.conftest import DEVICE
 
 LONG = [  # (B, N, T, d): long blocks, remainders of every kind
     (2, 5, 300, 2),
@@ -25,14 +28,15 @@ def make(b, n, t, seed, dtype=torch.float64):
     beta = (torch.rand(n, generator=g, dtype=dtype) * 0.3 + 0.7).requires_grad_()
     weight = (torch.randn(n, n, generator=g, dtype=dtype) * 0.5).requires_grad_()
     bias = (torch.randn(n, generator=g, dtype=dtype) * 0.1).requires_grad_()
-    return current, beta, weight, bias
+    return [x.detach().to(DEVICE).requires_grad_() for x in (current, beta, weight, bias)]
 
 
 def check(fn_fast, fn_ref, inputs, seed=3, rtol=1e-9, atol=1e-9):
     """Spikes identical; gradients of a random projection of the spikes close."""
     fast, ref = fn_fast(), fn_ref()
     assert torch.equal(fast, ref)
-    probe = torch.randn(fast.shape, generator=torch.Generator().manual_seed(seed), dtype=fast.dtype)
+    gen = torch.Generator().manual_seed(seed)
+    probe = torch.randn(fast.shape, generator=gen, dtype=fast.dtype).to(fast.device)
     got = torch.autograd.grad((fast * probe).sum(), inputs, allow_unused=True)
     want = torch.autograd.grad((ref * probe).sum(), inputs, allow_unused=True)
     for g, w, x in zip(got, want, inputs, strict=True):
@@ -45,12 +49,12 @@ def check(fn_fast, fn_ref, inputs, seed=3, rtol=1e-9, atol=1e-9):
 
 @pytest.mark.parametrize("b,n,t,d", LONG)
 @pytest.mark.parametrize("recurrent", [False, True])
-def test_long_blocks_match_reference(b, n, t, d, recurrent):
+def test_long_blocks_match_reference(b, n, t, d, recurrent, kernel):
     current, beta, weight, bias = make(b, n, t, seed=t + d)
     kw = dict(recurrent_weight=weight, recurrent_bias=bias) if recurrent else {}
     inputs = [current, beta] + ([weight, bias] if recurrent else [])
     spikes = check(
-        lambda: F.dblock_neurons(current, beta, d, **kw),
+        lambda: F.dblock_neurons(current, beta, d, **kw, kernel=kernel),
         lambda: R.dblock_neurons(current, beta, d, **kw),
         inputs,
     )
@@ -58,42 +62,42 @@ def test_long_blocks_match_reference(b, n, t, d, recurrent):
 
 
 @pytest.mark.parametrize("beta_value", [0.0, 1.0])
-def test_beta_at_the_clamp_edges(beta_value):
+def test_beta_at_the_clamp_edges(beta_value, kernel):
     current, _, weight, bias = make(2, 4, 40, seed=5)
-    beta = torch.full((4,), beta_value, dtype=torch.float64, requires_grad=True)
+    beta = torch.full((4,), beta_value, dtype=torch.float64, device=DEVICE, requires_grad=True)
     check(
-        lambda: F.dblock_neurons(current, beta, 3, weight, bias),
+        lambda: F.dblock_neurons(current, beta, 3, weight, bias, kernel=kernel),
         lambda: R.dblock_neurons(current, beta, 3, weight, bias),
         [current, beta, weight, bias],
     )
 
 
-def test_recurrent_without_bias_and_noncontiguous_current():
+def test_recurrent_without_bias_and_noncontiguous_current(kernel):
     current, beta, weight, _ = make(3, 5, 60, seed=7)
     # a batch-major (B, N, T) tensor seen time-major through a permuted view: correct, if slower
     batch_major = current.detach().permute(1, 2, 0).contiguous().requires_grad_()
     check(
-        lambda: F.dblock_neurons(batch_major.permute(2, 0, 1), beta, 6, weight),
+        lambda: F.dblock_neurons(batch_major.permute(2, 0, 1), beta, 6, weight, kernel=kernel),
         lambda: R.dblock_neurons(batch_major.permute(2, 0, 1), beta, 6, weight),
         [batch_major, beta, weight],
     )
 
 
-def test_sum_loss_gradient_through_expanded_grad():
+def test_sum_loss_gradient_through_expanded_grad(kernel):
     """``spikes.sum()`` hands the kernel a stride-0 gradient; it must be read correctly."""
     current, beta, weight, bias = make(2, 3, 50, seed=11)
     grads = []
-    for fn in (F.dblock_neurons, R.dblock_neurons):
+    for fn in (partial(F.dblock_neurons, kernel=kernel), R.dblock_neurons):
         out = fn(current, beta, 4, weight, bias)
         grads.append(torch.autograd.grad(out.sum(), [current, beta, weight, bias]))
     for got, want in zip(*grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
-def test_float32_matches_reference_in_float32():
+def test_float32_matches_reference_in_float32(kernel):
     current, beta, weight, bias = make(4, 8, 200, seed=13, dtype=torch.float32)
     check(
-        lambda: F.dblock_neurons(current, beta, 5, weight, bias),
+        lambda: F.dblock_neurons(current, beta, 5, weight, bias, kernel=kernel),
         lambda: R.dblock_neurons(current, beta, 5, weight, bias),
         [current, beta, weight, bias],
         rtol=1e-4,
@@ -101,11 +105,11 @@ def test_float32_matches_reference_in_float32():
     )
 
 
-def test_attached_recurrence_uses_kernel_and_matches():
+def test_attached_recurrence_uses_kernel_and_matches(kernel):
     current, beta, weight, bias = make(2, 4, 90, seed=17)
     kw = dict(recurrent_weight=weight, recurrent_bias=bias, detach_recurrent=False)
     check(
-        lambda: F.dblock_neurons(current, beta, 4, **kw),
+        lambda: F.dblock_neurons(current, beta, 4, **kw, kernel=kernel),
         lambda: R.dblock_neurons(current, beta, 4, **kw),
         [current, beta, weight, bias],
     )

@@ -1,7 +1,7 @@
 """Pure functions on tensors: surrogate, standard LIF, d-block kernels, readout, reference."""
 
 from dblock.functional import reference
-from dblock.functional.block import dblock_neurons
+from dblock.functional.block import check_kernel, dblock_neurons, pick_kernel
 from dblock.functional.blocks import block_lengths, check_d
 from dblock.functional.lif import lif_neurons
 from dblock.functional.readout import leaky_readout
@@ -10,10 +10,12 @@ from dblock.functional.surrogate import fast_sigmoid, get_surrogate
 __all__ = [
     "block_lengths",
     "check_d",
+    "check_kernel",
     "dblock_neurons",
     "fast_sigmoid",
     "get_surrogate",
     "leaky_readout",
     "lif_neurons",
+    "pick_kernel",
     "reference",
 ]

@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from dblock.functional.precision import float32_dynamics
 from dblock.functional.surrogate import fast_sigmoid
 
 
+@float32_dynamics(cast_back=True)
 def lif_neurons(
     current: Tensor,
     beta: Tensor,

@@ -7,6 +7,7 @@ from torch import Tensor
 
 from dblock.functional.block_kernel import decay_powers
 from dblock.functional.blocks import block_lengths
+from dblock.functional.precision import float32_dynamics
 
 REDUCTIONS = ("sum", "max")
 
@@ -21,6 +22,7 @@ def _lengths(t_len: int, d: int | None) -> list[int]:
     return [t_len] if d is None else block_lengths(t_len, d)
 
 
+@float32_dynamics(cast_back=False)
 def leaky_readout(
     current: Tensor, beta: Tensor, d: int | None = None, reduce: str = "sum"
 ) -> Tensor:
@@ -33,7 +35,7 @@ def leaky_readout(
         reduce: "sum" (``sum_t U_t``) or "max" (``max_t U_t``).
 
     Returns:
-        logits (B, C).
+        logits (B, C); float32 for a half-precision current (autocast).
     """
     check_reduce(reduce)
     lengths = _lengths(current.shape[0], d)

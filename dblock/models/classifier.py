@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import torch
 from torch import Tensor, nn
 
 from dblock.nn import DBlockLayer, LeakyReadout, LIFLayer
@@ -45,6 +46,8 @@ class SNNClassifier(nn.Module):
         reduce: str = "sum",
         t_len: int | None = None,
         scale: float = 10.0,
+        kernel: str = "auto",
+        chunk: int | None = None,
     ) -> None:
         super().__init__()
         layer = get_layer(model)
@@ -61,6 +64,8 @@ class SNNClassifier(nn.Module):
                 detach_recurrent=detach_recurrent,
                 t_len=t_len,
                 scale=scale,
+                kernel=kernel,
+                chunk=chunk,
             )
             for a, b in zip(sizes[:-1], sizes[1:], strict=True)
         )
@@ -70,5 +75,6 @@ class SNNClassifier(nn.Module):
         spike_count = 0
         for layer in self.hidden:
             x = layer(x)
-            spike_count = spike_count + x.detach().sum(dim=(0, 2))
+            # counted in float32: a half-precision sum would round counts above 256
+            spike_count = spike_count + x.detach().sum(dim=(0, 2), dtype=torch.float32)
         return Output(self.readout(x), spike_count)

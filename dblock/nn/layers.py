@@ -63,12 +63,16 @@ class DBlockLayer(nn.Module):
         t_len: int | None = None,
         beta_init: float = HIDDEN_BETA,
         scale: float = 10.0,
+        kernel: str = "auto",
+        chunk: int | None = None,
     ) -> None:
         super().__init__()
         _check_size("n_in", n_in)
         _check_size("n_out", n_out)
         _check_d(d, t_len)
+        F.check_kernel(kernel, chunk)
         self.d, self.detach_recurrent, self.scale = d, detach_recurrent, scale
+        self.kernel, self.chunk = kernel, chunk
         self.projection = Projection(n_in, n_out)
         self.beta = Decay(n_out, beta_init)
         self.recurrent_weight = self.recurrent_bias = None
@@ -86,6 +90,8 @@ class DBlockLayer(nn.Module):
             self.recurrent_bias,
             self.detach_recurrent,
             self.scale,
+            self.kernel,
+            self.chunk,
         )
 
 
