@@ -29,6 +29,12 @@ class ConfigError(ValueError):
     """A setting is out of range or unknown; the message names it and the allowed values."""
 
 
+def first_line(err: BaseException) -> str:
+    """An exception's message as one line: its first paragraph, lines joined."""
+    lines = [line.strip() for line in str(err).strip().split("\n\n")[0].splitlines()]
+    return " ".join(line for line in lines if line) or type(err).__name__
+
+
 def _int_at_least(name: str, value, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ConfigError(f"{name}={value!r} is not allowed: {name} must be an integer >= {low}")

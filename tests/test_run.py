@@ -14,6 +14,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from pytorch_lightning.callbacks import TQDMProgressBar
 
+import preflight as early
 import run as run_py
 from dblock.config_check import ConfigError, accepted_keywords
 from dblock.console import EpochLines, progress_bar
@@ -157,6 +158,11 @@ def test_bad_d_is_a_clear_error(tmp_path):
 # --- settings refused before anything runs --------------------------------------------------
 
 
+def preflight(argv: list[str]) -> list[str]:
+    """run.py's check before Hydra starts (as its __main__ calls it)."""
+    return early.preflight(argv, run_py.validate, run_py.known_keys)
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -191,7 +197,7 @@ def test_bad_d_is_a_clear_error(tmp_path):
 def test_bad_settings_refused_before_hydra_starts(argv, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match=re.escape(message)):
-        run_py.preflight(argv)
+        preflight(argv)
     assert list(tmp_path.iterdir()) == []  # nothing created
 
 
@@ -212,7 +218,7 @@ def test_bad_settings_refused_before_hydra_starts(argv, message, tmp_path, monke
 )
 def test_valid_settings_pass(argv, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    run_py.preflight(argv)
+    preflight(argv)
 
 
 class _Base:
@@ -243,15 +249,15 @@ def test_known_keys_come_from_the_code():
 def test_sweep_jobs_named_by_their_overrides(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     fault = ["+callbacks.fault._target_=tests.faults.PoisonAt", "+callbacks.fault.epoch=0,5"]
-    extra = run_py.preflight(["-m", "d=1,5", "layers=2", *fault])
+    extra = preflight(["-m", "d=1,5", "layers=2", *fault])
     assert extra == [
         "hydra.job.config.override_dirname.exclude_keys=['callbacks.fault._target_','layers']",
         "hydra.sweep.subdir=${hydra.job.override_dirname}",
     ]
     # unsafe names (brackets, slashes) stay numbered, as do configs that name their own jobs
-    assert run_py.preflight(["-m", "task.milestones=[1],[2]"]) == []
-    assert run_py.preflight(["-m", "experiment=fig4b_shd"]) == []
-    assert run_py.preflight(["-m", "hparams_search=optuna"]) == []
+    assert preflight(["-m", "task.milestones=[1],[2]"]) == []
+    assert preflight(["-m", "experiment=fig4b_shd"]) == []
+    assert preflight(["-m", "hparams_search=optuna"]) == []
 
 
 def test_summary_line_says_what_ran():
