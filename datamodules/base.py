@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from datamodules.cache import cached_store
+from datamodules.checks import DataError, check_dropped
 from datamodules.events import EventStore
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,9 @@ class EventDataModule(pl.LightningDataModule):
     ``val_fraction=0`` means no validation split at all (no val loader), for the protocol that
     keeps the checkpoint with the lowest training loss. Binned stores are cached on disk under
     ``cache_dir`` (default ``<data_dir>/cache``; ``cache=False`` turns the cache off).
+
+    Every split read must hold samples, and at most ``max_dropped_fraction`` of its events may
+    fall at or beyond T (more means a unit mistake or a too short T; 1 allows any).
     """
 
     name = "events"
@@ -133,10 +137,19 @@ class EventDataModule(pl.LightningDataModule):
         split_seed: int = 0,
         cache: bool = True,
         cache_dir: str | Path | None = None,
+        max_dropped_fraction: float = 0.5,
     ) -> None:
         super().__init__()
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"dataset.batch_size must be an integer >= 1, got {batch_size!r}")
+        fraction = max_dropped_fraction
+        number = isinstance(fraction, int | float) and not isinstance(fraction, bool)
+        if not number or not 0 <= fraction <= 1:
+            raise ValueError(
+                "dataset.max_dropped_fraction must be a number in [0, 1], got "
+                f"{max_dropped_fraction!r}"
+            )
+        self.max_dropped_fraction = float(max_dropped_fraction)
         self.data_dir = Path(data_dir)
         self.n_in, self.n_classes, self.t_len, self.dt_ms = n_in, n_classes, t_len, dt_ms
         self.batch_size, self.val_fraction, self.split_seed = batch_size, val_fraction, split_seed
@@ -155,6 +168,38 @@ class EventDataModule(pl.LightningDataModule):
 
     def load_split(self, split: str) -> EventStore:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def source(self, split: str) -> str:
+        """The file (or folder) ``split`` is read from, as error messages name it."""
+        return f"{self.name} {split}"
+
+    def empty_fix(self, split: str) -> str:
+        """How to fix an empty ``split``."""
+        return "The file is empty or cut short: delete it and fetch it again."
+
+    def time_hint(self, split: str) -> str:
+        """Why most events of ``split`` may fall beyond T (called only when they do)."""
+        return "the times may be in another unit than expected, or T too short. Check the unit"
+
+    def check_store(self, split: str, store: EventStore) -> None:
+        """Refuse an empty split, or one where most events fall beyond T (``DataError``)."""
+        if len(store) == 0:
+            use = "train on" if split == "train" else "evaluate"
+            raise DataError(
+                f"{self.source(split)}: the {split} split has 0 samples, nothing to {use}. "
+                f"{self.empty_fix(split)}"
+            )
+        if store.dropped is None or store.raw_counts is None:
+            return
+        check_dropped(
+            self.source(split),
+            int(store.raw_counts.sum()),
+            int(store.dropped.sum()),
+            self.max_dropped_fraction,
+            self.t_len,
+            self.dt_ms,
+            hint=lambda: self.time_hint(split),
+        )
 
     def load_cached(self, split: str, sources: list[Path], build) -> EventStore:
         """``build()`` the store of ``split`` from ``sources``, through the on-disk cache."""
@@ -177,6 +222,7 @@ class EventDataModule(pl.LightningDataModule):
         use_valid = self.has_valid_file and self.val_fraction > 0
         for split in ("train", "test") + (("valid",) if use_valid else ()):
             self.stores[split] = self.load_split(split)
+            self.check_store(split, self.stores[split])
         train = self.stores["train"]
         if use_valid:
             train_idx, val = np.arange(len(train)), ("valid", np.arange(len(self.stores["valid"])))

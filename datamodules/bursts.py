@@ -20,7 +20,8 @@ import h5py
 import numpy as np
 
 from datamodules.base import EventDataModule
-from datamodules.events import EventStore, read_h5, write_h5
+from datamodules.checks import DataError, path_status
+from datamodules.events import EventStore, h5_time_hint, read_h5, write_h5
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +87,23 @@ class BurstsDataModule(EventDataModule):
         super().__init__(data_dir, n_in, n_classes, t_len, dt_ms, **kwargs)
         if n_classes != 2 * len(PAIRS):
             raise ValueError(f"bursts has {2 * len(PAIRS)} classes, got n_classes={n_classes}")
+        for name, n in (("n_train", n_train), ("n_test", n_test)):
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"dataset.{name} must be an integer >= 1, got {n!r}")
         self.sizes = {"train": n_train, "test": n_test}
         self.data_seed = data_seed
 
     def path(self, split: str) -> Path:
         return self.data_dir / "BURSTS" / f"bursts_{split}.h5"
+
+    def source(self, split: str) -> str:
+        return str(self.path(split))
+
+    def empty_fix(self, split: str) -> str:
+        return f"Delete it: it is generated again (dataset.n_{split} samples)."
+
+    def time_hint(self, split: str) -> str:
+        return h5_time_hint(self.path(split), self.t_len, self.dt_ms)
 
     def _params(self, split: str) -> str:
         spec = {
@@ -104,7 +117,13 @@ class BurstsDataModule(EventDataModule):
         """Write the files once; regenerate only when the generator's parameters change."""
         for split in ("train", "test"):
             path, key = self.path(split), self._params(split)
-            if path.is_file():
+            status = path_status(path)
+            if status not in ("found", "missing"):
+                raise DataError(
+                    f"bursts: {path} is {status}, where the generated {split} file goes. "
+                    "Remove or rename it, then run again."
+                )
+            if status == "found":
                 try:
                     with h5py.File(path, "r") as f:
                         if f.attrs.get("generator") == key:

@@ -16,13 +16,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from datamodules.checks import (  # noqa: F401  (DataError: re-exported, imported from here)
+    NUMBER,
+    REFETCH,
+    DataError,
+    check_events,
+    check_labels,
+    flatten,
+    path_status,
+    time_hint,
+)
 from dblock.files import atomic_path
 
 log = logging.getLogger(__name__)
-
-
-class DataError(ValueError):
-    """A dataset file is missing, corrupt or inconsistent; the message names the file and fix."""
 
 
 @dataclass
@@ -97,7 +103,7 @@ def bin_events(times: np.ndarray, dt_ms: float, t_len: int) -> tuple[np.ndarray,
 
     Times are converted to float64 first, so float16 files (as SHD stores them) cannot overflow.
     """
-    bins = np.round(np.asarray(times).astype(np.float64) * (1000.0 / dt_ms))
+    bins = np.round(np.asarray(times).astype(np.float64, copy=False) * (1000.0 / dt_ms))
     keep = bins < t_len
     return bins, keep
 
@@ -105,59 +111,6 @@ def bin_events(times: np.ndarray, dt_ms: float, t_len: int) -> tuple[np.ndarray,
 def index_dtype(limit: int) -> np.dtype:
     """The smallest signed dtype holding values in [0, limit): int16 or int32."""
     return np.dtype(np.int16) if limit <= np.iinfo(np.int16).max else np.dtype(np.int32)
-
-
-def _sample_of(offsets: np.ndarray, flat_pos: int) -> int:
-    """Index of the sample owning flat event ``flat_pos`` (offsets (n + 1,))."""
-    return int(np.searchsorted(offsets, flat_pos, side="right") - 1)
-
-
-def check_events(
-    source: str,
-    offsets: np.ndarray,
-    flat_t: np.ndarray | None,
-    flat_u: np.ndarray,
-    labels: np.ndarray,
-    n_in: int,
-    n_classes: int | None,
-    unit_name: str = "unit",
-) -> None:
-    """Raise ``DataError`` naming ``source`` and the first bad sample; vectorised checks.
-
-    ``offsets`` (n + 1,), ``flat_t`` (E,) float times or None (unsigned integer times),
-    ``flat_u`` (E,) channels, ``labels`` (n,).
-    """
-    labels = np.asarray(labels)
-    if labels.ndim != 1 or len(labels) != len(offsets) - 1:
-        raise DataError(
-            f"{source}: {len(offsets) - 1} samples of events but labels of shape {labels.shape}; "
-            "the file is inconsistent. Delete it and fetch it again."
-        )
-    if flat_t is not None:
-        bad = np.flatnonzero(~np.isfinite(flat_t) | (flat_t < 0))
-        if len(bad):
-            i, t = _sample_of(offsets, bad[0]), flat_t[bad[0]]
-            raise DataError(
-                f"{source}: sample {i} has a negative or non-finite time ({t}); times must be "
-                "finite seconds >= 0. Fix or drop that sample, or fetch the file again."
-            )
-    bad = np.flatnonzero((flat_u < 0) | (flat_u >= n_in))
-    if len(bad):
-        i, u = _sample_of(offsets, bad[0]), int(flat_u[bad[0]])
-        raise DataError(
-            f"{source}: sample {i} has {unit_name} {u} outside [0, n_in={n_in}); largest is "
-            f"{int(flat_u.max())}. Set dataset.n_in to at least {int(flat_u.max()) + 1} if the "
-            "data are right, or fix the file."
-        )
-    if n_classes is not None and len(labels):
-        bad = np.flatnonzero((labels < 0) | (labels >= n_classes))
-        if len(bad):
-            i = int(bad[0])
-            raise DataError(
-                f"{source}: sample {i} has label {int(labels[i])} outside [0, "
-                f"n_classes={n_classes}); largest is {int(labels.max())}. Set dataset.n_classes "
-                "to match the data, or fix the file."
-            )
 
 
 def store_from_flat(
@@ -226,22 +179,19 @@ def build_store(
     Events with bin >= T are dropped (and counted); empty samples are allowed (all-zero input).
     Bad values raise ``DataError`` naming ``source`` and the sample.
     """
-    counts = np.fromiter((len(t) for t in times), dtype=np.int64, count=len(times))
-    unit_counts = np.fromiter((len(u) for u in units), dtype=np.int64, count=len(units))
-    if len(units) != len(times) or not np.array_equal(counts, unit_counts):
-        i = (
-            int(np.flatnonzero(counts != unit_counts)[0])
-            if len(units) == len(times)
-            else min(len(units), len(times))
-        )
+    n = len(times)
+    counts, flat_t = flatten(source, times, "times", "iuf")
+    unit_counts, flat_u = flatten(source, units, "units", NUMBER)
+    if len(units) != n or not np.array_equal(counts, unit_counts):
+        i = int(np.flatnonzero(counts != unit_counts)[0]) if len(units) == n else min(len(units), n)
         raise DataError(
             f"{source}: sample {i} has a different number of times and units; the file is "
             "inconsistent. Delete it and fetch it again."
         )
-    flat_t = np.concatenate(times).astype(np.float64) if len(times) else np.zeros(0)
-    flat_u = np.concatenate(units).astype(np.int64) if len(units) else np.zeros(0, np.int64)
+    labels = check_labels(source, labels, n, n_classes)
+    flat_t = flat_t.astype(np.float64, copy=False)
     offsets = np.concatenate([[0], np.cumsum(counts)])
-    check_events(source, offsets, flat_t, flat_u, labels, n_in, n_classes)
+    check_events(source, offsets, flat_t, flat_u, n_in)
     bins, _ = bin_events(flat_t, dt_ms, t_len)
     return store_from_flat(counts, bins, flat_u, labels, n_in, t_len)
 
@@ -254,27 +204,54 @@ def read_h5(
 ) -> EventStore:
     """Read an SHD-layout HDF5 file (``spikes/times`` s, ``spikes/units``, ``labels``) in bulk."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"dataset file not found: {path}")
-    refetch = "Delete the file and fetch it again (or regenerate it)."
+    status = path_status(path)
+    if status != "found":
+        raise DataError(f"dataset file {path} is {status}: put the file there, or fix the path")
     try:
         with h5py.File(path, "r") as f:
             missing = [k for k in H5_KEYS if k not in f]
             if missing:
                 raise DataError(
                     f"{path} lacks {', '.join(missing)} (has {sorted(f.keys())}); it is not in "
-                    f"the SHD layout (spikes/times, spikes/units, labels). {refetch}"
+                    f"the SHD layout (spikes/times, spikes/units, labels). {REFETCH}"
                 )
+            for key in H5_KEYS:
+                obj = f[key]
+                if not isinstance(obj, h5py.Dataset) or obj.ndim == 0:
+                    kind = "a group" if isinstance(obj, h5py.Group) else "a single value"
+                    raise DataError(
+                        f"{path}: {key} is {kind}, not one entry per sample; the file is not in "
+                        f"the SHD layout. {REFETCH}"
+                    )
             times = list(f["spikes/times"][:])
             units = list(f["spikes/units"][:])
             labels = np.asarray(f["labels"][:])
     except DataError:
         raise
     except Exception as err:  # h5py raises OSError, KeyError, ValueError, TypeError, ...
-        raise DataError(f"cannot read {path} ({type(err).__name__}: {err}). {refetch}") from err
+        raise DataError(f"cannot read {path} ({type(err).__name__}: {err}). {REFETCH}") from err
     store = build_store(times, units, labels, n_in, t_len, dt_ms, n_classes, source=str(path))
     log.debug("%s: %d samples, %d events", path.name, len(store), store.n_events)
     return store
+
+
+def h5_max_time(path: Path) -> float | None:
+    """The largest time stored in an SHD-layout file (None when unreadable or empty)."""
+    try:
+        with h5py.File(path, "r") as f:
+            times = f["spikes/times"][:]
+        flat = np.concatenate(list(times)) if len(times) else np.zeros(0)
+        return float(np.max(flat)) if flat.size else None
+    except Exception:  # only used to word an error message
+        return None
+
+
+def h5_time_hint(path: Path, t_len: int, dt_ms: float) -> str:
+    """Why most events of an SHD-layout file fall beyond T, from its largest time."""
+    t_max = h5_max_time(path)
+    if t_max is None:
+        return "check that the times are in seconds"
+    return time_hint(t_max, t_len * dt_ms / 1000.0)
 
 
 def write_h5(

@@ -14,22 +14,45 @@ downloaded through tonic's own dataset classes (progress bar from tonic); when t
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from datamodules.base import EventDataModule
-from datamodules.events import (
-    DataError,
-    EventStore,
-    check_events,
-    concat_stores,
-    read_h5,
-    store_from_flat,
-)
+from datamodules.checks import DataError, check_events, path_status
+from datamodules.events import EventStore, concat_stores, h5_time_hint, read_h5, store_from_flat
 
 log = logging.getLogger(__name__)
+
+
+class DownloadUndo:
+    """Removes what a failed download into ``folder`` created: new files directly in it (an
+    empty or partial archive), then the folders it created (``folder`` and missing parents),
+    each only if it is empty by then. Files that were there before are never touched."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.before = set(os.listdir(folder)) if folder.is_dir() else set()
+        self.new_dirs = []
+        p = folder
+        while not os.path.lexists(p) and p != p.parent:
+            self.new_dirs.append(p)  # deepest first
+            p = p.parent
+
+    def __call__(self) -> None:
+        if self.folder.is_dir():
+            for name in set(os.listdir(self.folder)) - self.before:
+                p = self.folder / name
+                if p.is_file() and not p.is_symlink():
+                    p.unlink(missing_ok=True)
+        for p in self.new_dirs:
+            try:
+                p.rmdir()
+            except OSError:  # not empty (or gone): leave it
+                break
+        log.debug("removed what the failed download created under %s", self.folder)
 
 
 class TonicDataModule(EventDataModule):
@@ -45,8 +68,18 @@ class TonicDataModule(EventDataModule):
     def path(self, split: str) -> Path:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def status(self, split: str) -> str:
+        """"found", "missing..." (downloadable) or what blocks ``split``'s path."""
+        return path_status(self.path(split), "file")
+
     def present(self, split: str) -> bool:
-        return self.path(split).is_file()
+        return self.status(split) == "found"
+
+    def source(self, split: str) -> str:
+        return str(self.path(split))
+
+    def time_hint(self, split: str) -> str:
+        return h5_time_hint(self.path(split), self.t_len, self.dt_ms)
 
     def sources(self, split: str) -> list[Path]:
         """The files whose identity keys the cache of ``split``."""
@@ -64,24 +97,39 @@ class TonicDataModule(EventDataModule):
             return tuple(s for s in self.splits if s != "valid")
         return self.splits
 
+    def refuse_blocked(self, split: str) -> None:
+        """Stop, downloading nothing, when something other than the data sits at its path."""
+        status = self.status(split)
+        if status != "found" and not status.startswith("missing"):
+            raise DataError(
+                f"{self.name}: {self.path(split)} is {status}, where the {split} split should "
+                "be. Nothing was downloaded over it: remove or rename it, or put the real data "
+                "there, then run again."
+            )
+
     def ensure(self, split: str) -> None:
-        """Make sure ``split`` is on disk: use it, else download it through tonic, else explain."""
+        """Make sure ``split`` is on disk: use it, else download it through tonic, else explain.
+
+        A failed download leaves nothing behind: the folders it created and the files it
+        started in the dataset folder are removed again.
+        """
+        self.refuse_blocked(split)
         if self.present(split):
             return
         cause = "download=false"
         if self.download:
             log.info("%s %s not found under %s: downloading through tonic", self.name, split,
                      self.data_dir)
+            undo = DownloadUndo(self.data_dir / self.folder)
             try:
                 self.tonic_download(split)
+                cause = "the download did not produce it"
             except Exception as err:  # no network, dead link, bad checksum, full disk, ...
                 cause = f"the download failed ({type(err).__name__}: {err})"
+                undo()
             if self.present(split):
                 return
-        looked = "\n".join(
-            f"  {self.path(s)}  [{'found' if self.present(s) else 'missing'}]"
-            for s in self.splits
-        )
+        looked = "\n".join(f"  {self.path(s)}  [{self.status(s)}]" for s in self.splits)
         raise DataError(
             f"{self.name}: the {split} split is missing under {self.data_dir} and {cause}.\n"
             f"Looked for:\n{looked}\n{self.by_hand()}"
@@ -97,6 +145,8 @@ class TonicDataModule(EventDataModule):
         )
 
     def prepare_data(self) -> None:
+        for split in self.needed_splits():  # before any download
+            self.refuse_blocked(split)
         for split in self.needed_splits():
             self.ensure(split)
 
@@ -228,8 +278,7 @@ def read_nmnist(
                 f"outside the {NMNIST_SIZE}x{NMNIST_SIZE} sensor; the file is corrupt. "
                 "Extract it again."
             )
-        check_events(str(folder), offsets, None, u, labels[lo : lo + chunk], n_in, n_classes,
-                     unit_name="input x + 34 y")
+        check_events(str(folder), offsets, None, u, n_in, unit_name="input x + 34 y")
         b = np.round(t / (1000.0 * dt_ms))
         parts.append(store_from_flat(c, b, u, labels[lo : lo + chunk], n_in, t_len))
         bar.update(len(part))
@@ -249,9 +298,17 @@ class NMNISTDataModule(TonicDataModule):
     def path(self, split: str) -> Path:
         return self.data_dir / self.folder / ("Train" if split == "train" else "Test")
 
-    def present(self, split: str) -> bool:
-        p = self.path(split)
-        return p.is_dir() and any(p.glob("*/*.bin"))
+    def status(self, split: str) -> str:
+        status = path_status(self.path(split), "folder")
+        if status == "found" and not any(self.path(split).glob("*/*.bin")):
+            return "missing (a folder without <digit>/*.bin files)"
+        return status
+
+    def time_hint(self, split: str) -> str:
+        return (
+            "N-MNIST samples last about 300 ms (their times are read in microseconds and "
+            "converted), so T is too short for them. Raise dataset.t_len (or dataset.dt_ms)"
+        )
 
     def sources(self, split: str) -> list[Path]:
         return sorted(self.path(split).glob("*/*.bin"))

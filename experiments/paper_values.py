@@ -7,6 +7,7 @@ D_VALUES. ``None`` marks a value the paper does not give as a number.
 from __future__ import annotations
 
 D_VALUES = (1, 10, 20, 30, 40)
+NAMES = {"nmnist": "N-MNIST", "shd": "SHD", "ssc": "SSC"}  # as the paper names the datasets
 
 # Fig. 4a: test accuracy (%) by recurrent (False: feedforward, True: recurrent) and d.
 FIG4A = {

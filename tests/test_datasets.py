@@ -313,6 +313,245 @@ def test_float16_times_converted_before_scaling(tmp_path):
     assert x[66_000, 0, 2] == 1 and x[500, 0, 1] == 1 and x.sum() == 2
 
 
+def raw_h5(path: Path, times, units, labels, t_dtype=np.float16, u_dtype=np.uint16) -> Path:
+    """An SHD-layout file with free dtypes: ``times``/``units`` are per-sample lists (stored as
+    variable-length datasets) or arrays (stored as they are), ``labels`` an array."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:
+        for key, values, dtype in (("spikes/times", times, t_dtype),
+                                   ("spikes/units", units, u_dtype)):
+            if isinstance(values, list):
+                ds = f.create_dataset(key, (len(values),), dtype=h5py.vlen_dtype(dtype))
+                for i, v in enumerate(values):
+                    ds[i] = np.asarray(v, dtype=dtype)
+            else:
+                f.create_dataset(key, data=values)
+        f.create_dataset("labels", data=labels)
+    return path
+
+
+TWO = [np.array([0.1, 0.2]), np.array([0.3])]  # two samples' times (s)
+
+
+def test_empty_train_file_is_refused(tmp_path, shd_dir):
+    path = shd_dir / "SHD" / "shd_train.h5"
+    write_h5(path, [], [], np.zeros(0, np.uint16))
+    with pytest.raises(DataError, match=rf"{path}: the train split has 0 samples.*fetch it again"):
+        shd(shd_dir).setup()
+
+
+def test_empty_test_file_is_refused(shd_dir):
+    path = shd_dir / "SHD" / "shd_test.h5"
+    write_h5(path, [], [], np.zeros(0, np.uint16))
+    with pytest.raises(DataError, match=rf"{path}: the test split has 0 samples"):
+        shd(shd_dir).setup()
+
+
+def test_empty_file_refused_by_run_py(shd_dir, tmp_path):
+    """The whole path: one error line naming the file, exit 2, no results.json."""
+    write_h5(shd_dir / "SHD" / "shd_train.h5", [], [], np.zeros(0, np.uint16))
+    proc = run_cli(
+        ["dataset=shd", f"paths.data_dir={shd_dir}", "n_hidden=8", "logger=none",
+         f"hydra.run.dir={tmp_path / 'run'}"],
+        tmp_path,
+        check=False,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    path = shd_dir / "SHD" / "shd_train.h5"
+    assert f"error: {path}: the train split has 0 samples" in proc.stderr
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+@pytest.mark.parametrize(
+    "units, labels, match",
+    [
+        ([[1, 2], [3]], np.array([0.0, 0.7]), "sample 1 has label 0.7; labels must be whole"),
+        ([[1, 2], [3]], np.array([19.7, 1.0]), "sample 0 has label 19.7"),
+        ([[1, 3.5], [3]], np.array([0, 1]), "sample 0 has unit 3.5; units must be whole"),
+        ([[1, 2], [np.nan]], np.array([0, 1]), "sample 1 has unit nan"),
+        ([[1, 2], [3]], np.array([0.0, np.nan]), "sample 1 has label nan"),
+    ],
+)
+def test_fractional_or_nan_labels_and_units_are_refused(tmp_path, units, labels, match):
+    raw_h5(tmp_path / "SHD" / "shd_train.h5", TWO, units, labels, u_dtype=np.float32)
+    with pytest.raises(DataError, match=match):
+        shd(tmp_path).load_split("train")
+
+
+def test_integral_float_labels_and_units_are_accepted(tmp_path):
+    raw_h5(tmp_path / "SHD" / "shd_train.h5", TWO, [[1.0, 699.0], [3.0]], np.array([2.0, 19.0]),
+           u_dtype=np.float64)
+    write_h5(tmp_path / "ref" / "SHD" / "shd_train.h5", TWO, [[1, 699], [3]], np.array([2, 19]))
+    got, want = shd(tmp_path).load_split("train"), shd(tmp_path / "ref").load_split("train")
+    for name in ("units", "bins", "offsets", "labels"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+
+
+def write_wrong(path: Path, case: str) -> None:
+    vlen_t, vlen_u = TWO, [[1, 2], [3]]
+    labels = np.array([0, 1], np.uint16)
+    if case == "text labels":
+        raw_h5(path, vlen_t, vlen_u, np.array(["yes", "no"], dtype="S"))
+    elif case == "vlen text labels":
+        raw_h5(path, vlen_t, vlen_u, np.array(["yes", "no"], dtype=h5py.string_dtype()))
+    elif case == "2-D labels":
+        raw_h5(path, vlen_t, vlen_u, np.zeros((2, 3), np.uint16))
+    elif case == "3-D times":
+        raw_h5(path, np.zeros((2, 3, 4)), np.zeros((2, 3), np.uint16), labels)
+    elif case == "scalar times":
+        raw_h5(path, np.float32(0.5), vlen_u, labels)
+    elif case == "one time per sample":
+        raw_h5(path, np.array([0.1, 0.2]), np.array([1, 2], np.uint16), labels)
+    elif case == "text units":
+        raw_h5(path, vlen_t, np.array([b"a", b"b"], dtype=h5py.string_dtype()), labels)
+    elif case == "labels group":
+        raw_h5(path, vlen_t, vlen_u, labels)
+        with h5py.File(path, "a") as f:
+            del f["labels"]
+            f.create_group("labels")
+
+
+WRONG = {
+    "text labels": r"labels are of type \|S3 \(e.g. b'yes'\); labels must be integer",
+    "vlen text labels": "labels are of type object",
+    "2-D labels": r"labels of shape \(2, 3\); expected one label per sample",
+    "3-D times": r"sample 0 has times of shape \(3, 4\)",
+    "scalar times": "spikes/times is a single value, not one entry per sample",
+    "one time per sample": r"sample 0 has times of shape \(\)",
+    "text units": "sample 0 has units of",
+    "labels group": "labels is a group",
+}
+
+
+@pytest.mark.parametrize("case", list(WRONG))
+def test_wrong_types_or_shapes_are_data_errors(tmp_path, case):
+    path = tmp_path / "SHD" / "shd_train.h5"
+    write_wrong(path, case)
+    with pytest.raises(DataError, match=WRONG[case]) as err:
+        shd(tmp_path).load_split("train")
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "scale, dtype, hint",
+    [(1e6, np.int64, "microseconds"), (1e3, np.float32, "milliseconds"), (3.0, np.float16,
+                                                                          "Raise dataset.t_len")],
+)
+def test_most_events_beyond_t_name_the_likely_unit_mistake(tmp_path, scale, dtype, hint):
+    """Times in integer microseconds (or ms) drop ~every event: refused, naming the unit, also
+    when the store comes from the cache; dataset.max_dropped_fraction=1 allows it."""
+    times, units, labels = random_events(10, 700, 20, 0, t_max=0.9)
+    raw_h5(tmp_path / "SHD" / "shd_train.h5", [np.round(t * scale) for t in times], units,
+           labels.astype(np.uint16), t_dtype=dtype)
+    write_h5(tmp_path / "SHD" / "shd_test.h5", times, units, labels)
+
+    def dm(**kw):
+        return SHDDataModule(tmp_path, n_in=700, n_classes=20, t_len=500, dt_ms=2.0, **kw)
+
+    allowed = dm(max_dropped_fraction=1.0)
+    allowed.setup()  # builds and caches the store
+    assert int(allowed.stores["train"].dropped.sum()) > 0.5 * sum(map(len, times))
+    want = rf"shd_train.h5: \d+ of \d+ events .* T = t_len x dt_ms = 500 x 2 ms = 1 s.*{hint}"
+    with pytest.raises(DataError, match=want + ".*max_dropped_fraction=1"):
+        dm().setup()  # from the cache: still refused
+    with pytest.raises(ValueError, match="max_dropped_fraction must be a number in"):
+        dm(max_dropped_fraction=2)
+
+
+def test_nmnist_short_t_is_refused(nmnist_dir):
+    dm = NMNISTDataModule(nmnist_dir, n_in=1156, n_classes=10, t_len=100, dt_ms=1.0, cache=False)
+    with pytest.raises(DataError, match="NMNIST/Train: .* beyond T.*N-MNIST samples last"):
+        dm.setup()
+
+
+def blocked(path: Path, kind: str) -> str:
+    """Put a directory, a symlink loop or a broken symlink at ``path``; the expected status."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "directory":
+        path.mkdir()
+        return "a directory, not a file"
+    if kind == "loop":
+        os.symlink(path.name, path)  # points at itself
+        return "a symlink loop"
+    os.symlink(path.parent / "nowhere.h5", path)
+    return f"a broken symlink to {path.parent / 'nowhere.h5'}"
+
+
+@pytest.mark.parametrize("kind", ["directory", "loop", "broken"])
+def test_directory_or_link_where_a_file_should_be_is_named(shd_dir, monkeypatch, kind):
+    import tonic
+
+    calls = []
+    monkeypatch.setattr(tonic.dataset.Dataset, "download", lambda self: calls.append(self))
+    path = shd_dir / "SHD" / "shd_test.h5"
+    path.unlink()
+    status = blocked(path, kind)
+    with pytest.raises(DataError, match=f"{path} is {status}, where the test split should be. "
+                                        "Nothing was downloaded over it") as err:
+        shd(shd_dir).prepare_data()
+    assert "[missing]" not in str(err.value) and calls == []
+    with pytest.raises(DataError, match=f"{path} is {status}"):
+        shd(shd_dir).setup()  # the same without prepare_data
+    assert calls == []
+
+
+def test_file_where_nmnist_folder_should_be(nmnist_dir, monkeypatch):
+    import shutil
+
+    no_network(monkeypatch)
+    folder = nmnist_dir / "NMNIST" / "Test"
+    shutil.rmtree(folder)
+    folder.write_bytes(b"")
+    dm = NMNISTDataModule(nmnist_dir, n_in=1156, n_classes=10, t_len=300, dt_ms=1.0)
+    with pytest.raises(DataError, match=f"{folder} is a file, not a folder"):
+        dm.prepare_data()
+
+
+def test_bursts_refuses_a_directory_where_its_file_goes(tmp_path):
+    from datamodules.bursts import BurstsDataModule
+
+    (tmp_path / "BURSTS" / "bursts_test.h5").mkdir(parents=True)
+    dm = BurstsDataModule(tmp_path, n_train=16, n_test=8)
+    with pytest.raises(DataError, match="bursts_test.h5 is a directory, not a file"):
+        dm.prepare_data()
+    with pytest.raises(ValueError, match="dataset.n_train must be an integer >= 1, got 0"):
+        BurstsDataModule(tmp_path, n_train=0)
+
+
+def test_failed_download_leaves_no_folders(tmp_path, monkeypatch):
+    """tonic creates <data_dir>/SHD/ before it fails: what this attempt created is removed."""
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)  # tonic's own download code runs
+    root = tmp_path / "data"
+    with pytest.raises(DataError, match="URLError"):
+        shd(root).prepare_data()
+    assert not root.exists()
+    # a folder that was there before stays, with what it held
+    (root / "SHD").mkdir(parents=True)
+    (root / "SHD" / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="URLError"):
+        shd(root).prepare_data()
+    assert sorted(p.name for p in (root / "SHD").iterdir()) == ["notes.txt"]
+
+
+def test_failed_download_removes_its_partial_archive(tmp_path, monkeypatch):
+    import tonic
+
+    def partial(self):  # as tonic's _urlretrieve does when the connection drops
+        Path(self.location_on_system).mkdir(parents=True, exist_ok=True)
+        Path(self.location_on_system, self.filename).write_bytes(b"")
+        raise urllib.error.URLError("connection reset")
+
+    monkeypatch.setattr(tonic.dataset.Dataset, "download", partial)
+    with pytest.raises(DataError, match="connection reset"):
+        shd(tmp_path / "data").prepare_data()
+    assert not (tmp_path / "data").exists()
+
+
 def test_nmnist_truncated_file(nmnist_dir):
     f = sorted((nmnist_dir / "NMNIST" / "Train" / "3").glob("*.bin"))[1]
     f.write_bytes(f.read_bytes()[:-2])

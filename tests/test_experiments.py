@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -115,6 +116,35 @@ def test_fig4_sweep_grids(tmp_path, name):
         assert cfg.d == 40 and cfg.recurrent
 
 
+def readme_sweeps(marker: str) -> list[list[str]]:
+    """The ``python run.py -m ...`` commands of the README's code block after ``marker``."""
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index(marker):].split("```bash\n", 1)[1].split("```", 1)[0]
+    return [shlex.split(line)[3:] for line in block.splitlines()
+            if line.startswith("python run.py -m ")]
+
+
+def test_readme_small_fig4_try_is_small(tmp_path):
+    """The README's quick Fig. 4 try: 5 jobs of 3 epochs (4 of 4a, 1 standard), as it says."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    jobs = []
+    for args in readme_sweeps("To try the whole path on the embedded dataset"):
+        fixed = [a for a in args if "," not in a]
+        cfg = composed(tmp_path, fixed)
+        assert cfg.trainer.max_epochs == 3 and list(cfg.task.milestones) == [2]
+        params = [f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items()] + args
+        batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(params),
+                                               None)
+        jobs += [dict(o.lower().split("=", 1) for o in job) for job in batches[0]]
+    assert len(jobs) == 5
+    assert sorted((j["experiment"], j.get("d"), j.get("recurrent")) for j in jobs) == [
+        ("fig4a_shd", "1", "false"), ("fig4a_shd", "1", "true"),
+        ("fig4a_shd", "10", "false"), ("fig4a_shd", "10", "true"), ("fig4d_shd", None, None)]
+    assert {j["seed"] for j in jobs} == {"0"}
+
+
 @pytest.mark.parametrize("name", ["fig3a", "fig3b", "fig3c", "fig3d"])
 def test_fig3_grids(tmp_path, name):
     bench = composed(tmp_path, [f"experiment={name}"]).bench
@@ -166,6 +196,8 @@ def test_wandb_offline_unless_logged_in(monkeypatch, tmp_path):
 
 def test_two_job_sweep_one_wandb_run_per_job_and_plot(tmp_path):
     sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "multirun.yaml").write_text("# the sweep before, e.g. fig4a's\n")
     run_cli(
         [
             "-m",
@@ -180,6 +212,9 @@ def test_two_job_sweep_one_wandb_run_per_job_and_plot(tmp_path):
         ],
         tmp_path,
     )
+    (kept,) = sweep.glob("multirun-*.yaml")  # one multirun*.yaml per sweep
+    assert kept.read_text() == "# the sweep before, e.g. fig4a's\n"
+    assert "fig4b_shd" in (sweep / "multirun.yaml").read_text()
     jobs = sorted(p.parent for p in sweep.glob("*/results.json"))
     assert [j.name for j in jobs] == [
         "dblock-d40-layers1-recTrue-detFalse-seed0",

@@ -38,24 +38,34 @@ def result(path: Path, **cfg) -> None:
     (path / "results.json").write_text(json.dumps(rec))
 
 
+def write_sweep(root: Path, dataset: str = "shd", parts: str = "abcs") -> Path:
+    """results.json files of 3 seeds: 4a's grid (a), 4b's attached runs (b), 4c's 2- and 3-layer
+    runs (c) and the standard runs of 4d/4e (s)."""
+    for s in SEEDS:
+        if "a" in parts:
+            for d in (1, 10, 40):
+                for rec in (False, True):
+                    result(root / f"a-d{d}-{rec}-{s}", d=d, recurrent=rec, seed=s, dataset=dataset)
+        if "b" in parts:
+            result(root / f"b-{s}", d=40, detach_recurrent=False, seed=s, dataset=dataset)
+        if "c" in parts:
+            for n in (2, 3):
+                result(root / f"c-{n}-{s}", d=40, layers=n, seed=s, dataset=dataset)
+        if "s" in parts:
+            result(
+                root / f"std-{s}",
+                model="standard",
+                d=None,
+                seed=s,
+                dataset=dataset,
+                **{"train/epoch_time_s": 10.0, "test/spikes_per_sample": 100.0},
+            )
+    return root
+
+
 @pytest.fixture
 def sweep(tmp_path) -> Path:
-    root = tmp_path / "fig4" / "shd"
-    for s in SEEDS:
-        for d in (1, 10, 40):
-            for rec in (False, True):
-                result(root / f"a-d{d}-{rec}-{s}", d=d, recurrent=rec, seed=s)
-        result(root / f"b-{s}", d=40, detach_recurrent=False, seed=s)
-        for n in (2, 3):
-            result(root / f"c-{n}-{s}", d=40, layers=n, seed=s)
-        result(
-            root / f"std-{s}",
-            model="standard",
-            d=None,
-            seed=s,
-            **{"train/epoch_time_s": 10.0, "test/spikes_per_sample": 100.0},
-        )
-    return root
+    return write_sweep(tmp_path / "fig4" / "shd")
 
 
 def plot(script: str, *args: str) -> subprocess.CompletedProcess:
@@ -114,6 +124,81 @@ def test_fig4_without_standard_runs_is_a_clear_error(sweep, tmp_path):
         text=True,
     )
     assert proc.returncode != 0 and "fig4d" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def fig4():
+    """experiments/plot_fig4.py as a module (in-process: no interpreter start per test)."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import plot_fig4
+
+    return plot_fig4
+
+
+def test_fig4_all_draws_only_panels_with_their_own_runs(tmp_path, caplog):
+    """4a's and 4d's sweeps only (the README's quick try): a, d and e are drawn; b and c are
+    not (no empty "attached" bar) and the log says which runs they lack."""
+    plot_fig4 = fig4()
+    runs = write_sweep(tmp_path / "runs", parts="as")
+    out = tmp_path / "figs"
+    with caplog.at_level("WARNING", logger="figures"):
+        written = plot_fig4.main(["all", str(runs), "--out", str(out)])
+    assert sorted(p.name for p in written if p.suffix == ".png") == [
+        "fig4a_shd.png", "fig4d_shd.png", "fig4e_shd.png"]
+    assert "Fig. 4b, shd not drawn: no attached runs at d=40" in caplog.text
+    assert "experiment=fig4b_shd" in caplog.text
+    assert "Fig. 4c, shd not drawn: no runs with 2 or 3 hidden layers" in caplog.text
+    with pytest.raises(plot_fig4.MissingRuns, match="4b, shd not drawn: no attached runs"):
+        plot_fig4.main(["b", str(runs), "--out", str(out)])  # one panel asked for: an error
+    with pytest.raises(plot_fig4.MissingRuns, match="no Fig. 4 panel has its runs"):
+        plot_fig4.main(["all", str(write_sweep(tmp_path / "std", parts="s")), "--out", str(out)])
+
+
+def test_fig4_notes_missing_points(tmp_path, caplog):
+    plot_fig4 = fig4()
+    runs = write_sweep(tmp_path / "runs", parts="acs")
+    for s in SEEDS:
+        for name in (f"a-d10-False-{s}", f"c-3-{s}"):
+            (runs / name / "results.json").unlink()
+    result(runs / "lone", d=10, seed=1, n_hidden=64)  # no standard run of that size
+    with caplog.at_level("WARNING", logger="figures"):
+        plot_fig4.main(["all", str(runs), "--out", str(tmp_path / "figs")])
+    assert "Fig. 4a, shd: feedforward lacks d=10 (the other has them)" in caplog.text
+    assert "Fig. 4c, shd: no 3-layer runs" in caplog.text
+    assert "4d, shd: no standard run (n_hidden=64, seed=1) to pair with d=10" in caplog.text
+
+
+def legend(fig) -> list[str]:
+    return [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+
+
+def test_fig4_bars_without_paper_values_have_no_paper_entry(tmp_path):
+    """bursts has no paper values: panel b shows our two bars only, no empty hatched ones."""
+    plot_fig4 = fig4()
+    recs = plot_fig4.load_results([write_sweep(tmp_path / "runs", "bursts")])
+    for panel in "bc":
+        fig, table, _ = plot_fig4.plot(panel, recs, "bursts", "bursts")
+        assert legend(fig) == ["ours"], panel
+        heights = [p.get_height() for p in fig.axes[0].patches]
+        assert len(heights) == (2 if panel == "b" else 3) and min(heights) > 0, panel
+        assert "—" in table  # the paper column
+
+
+def test_fig4_paper_of_another_dataset_is_named(tmp_path):
+    """--paper shd on bursts runs: every PNG's title and legend name SHD, and so does the .md."""
+    plot_fig4 = fig4()
+    runs = write_sweep(tmp_path / "runs", "bursts")
+    recs = plot_fig4.load_results([runs])
+    for panel in "abcde":
+        fig, _, _ = plot_fig4.plot(panel, recs, "bursts", "shd")
+        head = fig.axes[0].get_title()
+        assert head.startswith(f"Fig. 4{panel}, bursts") and "(paper values: SHD)" in head, head
+        assert any(t.endswith("(paper, SHD)") or t == "paper, SHD" for t in legend(fig)), panel
+        assert not any(t.endswith("(paper)") for t in legend(fig))
+    out = tmp_path / "figs"
+    plot_fig4.main(["b", str(runs), "--out", str(out), "--paper", "shd"])
+    md = (out / "fig4b_bursts.md").read_text()
+    assert md.startswith("## Fig. 4b, bursts, d=40 (paper values: SHD)")
+    assert "| attached | 72.0 ± 2.0 (n=3) | 73.4 |" in md
 
 
 def test_fig3_heatmaps(tmp_path):
