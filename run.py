@@ -313,36 +313,6 @@ def sweep_jobs() -> list[list[str]] | None:
     return [list(job) for batch in batches for job in batch]
 
 
-def one_line(summary: dict, out_dir: str, trained: bool = True) -> str:
-    """The run's result in one line: the network, the test metrics and what was trained."""
-    d = f" d={summary['d']}" if summary["d"] is not None else ""
-    net = f"{summary['model']}{d} layers={summary['layers']}"
-    if not summary["recurrent"]:
-        net += " feedforward"
-    elif summary["model"] == "dblock":  # the standard SNN always detaches (SPEC §2)
-        net += f" recurrent detach_recurrent={str(summary['detach_recurrent']).lower()}"
-    else:
-        net += " recurrent"
-    net = f"{net} reduce={summary['reduce']} on {summary['dataset']}"
-    if summary.get("smoke"):
-        return (
-            f"smoke run of {net}: one batch of train, val and test ran end to end; its numbers "
-            f"are not results (drop debug= for a real run) -> {out_dir}/results.json"
-        )
-    if trained:
-        epoch_s = summary["train/epoch_time_s"]
-        done = (
-            f"{epoch_s if epoch_s is not None else float('nan'):.2f} s/epoch, "
-            f"{summary['epoch']} epochs"
-        )
-    else:
-        done = f"evaluated {summary['tested_ckpt']} (trained {summary['tested_epoch']} epochs)"
-    return (
-        f"{net}: test acc {summary['test/acc']:.4f}, loss {summary['test/loss']:.4f}, "
-        f"{summary['test/spikes_per_sample']:.1f} spikes/sample, {done} -> {out_dir}/results.json"
-    )
-
-
 _KNOWN: list = []  # known_keys(), once per process (a plain list: joblib pickles main by value)
 
 
@@ -494,7 +464,7 @@ def main(cfg: DictConfig) -> float | None:
             return None
         fail(message, code=3, out_dir=out_dir)
     if rank_zero_only.rank == 0:
-        line = one_line(summary, str(out_dir), trained=cfg.train)
+        line = runner.one_line(summary, str(out_dir), trained=cfg.train)
         print(line)
         file_log.info(line)
     return summary.get(cfg.objective)  # what a sweeper such as Optuna optimises

@@ -16,6 +16,7 @@ from pytorch_lightning.callbacks import TQDMProgressBar
 
 import preflight as early
 import run as run_py
+from dblock import runner
 from dblock.config_check import ConfigError, accepted_keywords
 from dblock.console import EpochLines, progress_bar
 
@@ -278,16 +279,16 @@ def test_summary_line_says_what_ran():
         "tested_epoch": 2,
         "smoke": False,
     }
-    line = run_py.one_line(summary, "run")
+    line = runner.one_line(summary, "run")
     assert line.startswith("dblock d=10 layers=1 recurrent detach_recurrent=false reduce=max on")
     assert "0.50 s/epoch, 3 epochs" in line
-    line = run_py.one_line(summary, "run", trained=False)  # train=false: nothing was trained
+    line = runner.one_line(summary, "run", trained=False)  # train=false: nothing was trained
     assert (
         "s/epoch" not in line and "evaluated run/checkpoints/best.ckpt (trained 2 epochs)" in line
     )
-    line = run_py.one_line({**summary, "smoke": True}, "run")
+    line = runner.one_line({**summary, "smoke": True}, "run")
     assert line.startswith("smoke run of") and "test acc" not in line and "not results" in line
-    line = run_py.one_line({**summary, "recurrent": False}, "run")
+    line = runner.one_line({**summary, "recurrent": False}, "run")
     assert " feedforward reduce=max" in line and "detach" not in line
 
 
