@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import netrc
 import os
+import re
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -24,7 +26,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from dblock import files, runner
-from dblock.config_check import ConfigError, check_config, check_data_dir, check_selection
+from dblock.config_check import (
+    ConfigError,
+    check_config,
+    check_data_dir,
+    check_keys,
+    check_selection,
+    first_line,
+)
+from dblock.console import file_log, silence_library_noise
 from dblock.runtime import prepare_process
 from dblock.task import NonFiniteError, order_checkpoints
 
@@ -112,8 +122,10 @@ def run_info(cfg: DictConfig) -> dict:
         "n_hidden": cfg.n_hidden,
         "recurrent": cfg.recurrent,
         "detach_recurrent": cfg.detach_recurrent,
+        "reduce": cfg.model.reduce,
         "dataset": HydraConfig.get().runtime.choices.get("dataset"),
         "seed": cfg.seed,
+        "smoke": bool(cfg.trainer.get("fast_dev_run")),  # one batch per split: not a result
         "selection": f"{cfg.selection.monitor} ({cfg.selection.mode})",
     }
 
@@ -294,7 +306,7 @@ def sweep_jobs() -> list[list[str]] | None:
 
         parser = OverridesParser.create()
         params = [f"{k}={v}" for k, v in (hc.sweeper.get("params") or {}).items()]
-        argv = [a for a in sys.argv[1:] if not a.startswith("-")]
+        argv = [a for a in sys.argv[1:] if not a.startswith(("-", "hydra.", "hydra/"))]
         overrides = parser.parse_overrides(params) + parser.parse_overrides(argv)
         batches = BasicSweeper.split_arguments(overrides, None)
     except Exception:  # a sweep Hydra ran but we cannot re-split: say less
@@ -302,68 +314,120 @@ def sweep_jobs() -> list[list[str]] | None:
     return [list(job) for batch in batches for job in batch]
 
 
-def one_line(summary: dict, out_dir: str) -> str:
-    d = f" d={summary['d']}" if summary["d"] is not None else ""
-    epoch_s = summary["train/epoch_time_s"]
-    return (
-        f"{summary['model']}{d} layers={summary['layers']} "
-        f"{'recurrent' if summary['recurrent'] else 'feedforward'} on {summary['dataset']}: "
-        f"test acc {summary['test/acc']:.4f}, loss {summary['test/loss']:.4f}, "
-        f"{summary['test/spikes_per_sample']:.1f} spikes/sample, "
-        f"{epoch_s if epoch_s is not None else float('nan'):.2f} s/epoch, "
-        f"{summary['epoch']} epochs -> {out_dir}/results.json"
+_KNOWN: list = []  # known_keys(), once per process (a plain list: joblib pickles main by value)
+
+
+def known_keys() -> tuple[frozenset[str], dict[str, frozenset[str]], dict[str, dict], set]:
+    """The keys conf/ defines: at the top level, and inside nodes without a ``_target_``.
+
+    Top level: config.yaml's keys, the groups that fill a key of their own name (model,
+    dataset, ...), and the keys that ``@package _global_`` files set (experiment/, recipe/ ...).
+    Inside a plain node (``selection``, ``paths``): the keys its files define. Nodes with a
+    ``_target_`` are checked against the target's arguments instead (config_check.check_keys);
+    the third item gives, per group, the keys each option's file defines (for the message);
+    the fourth names the groups whose entries are objects to create (callbacks, logger).
+    """
+    if _KNOWN:
+        return _KNOWN[0]
+    main = OmegaConf.to_container(OmegaConf.load(CONF / "config.yaml"))
+    top = {k for k in main if k != "defaults"}
+    plain = {k: set(v) for k, v in main.items() if isinstance(v, dict) and "_target_" not in v}
+    options: dict[str, dict] = {}
+    collections = set()
+    for group in (p for p in CONF.iterdir() if p.is_dir() and p.name != "hydra"):
+        for file in group.glob("*.yaml"):
+            node = OmegaConf.to_container(OmegaConf.load(file)) or {}
+            keys = {k for k in node if k not in ("defaults", "hydra")}
+            if re.search(r"^#\s*@package\s+_global_", file.read_text(), re.M):
+                top |= keys
+                continue
+            top.add(group.name)
+            entries = all(isinstance(v, dict | None) for v in node.values())  # callbacks, logger
+            if "_target_" in node or entries:
+                options.setdefault(group.name, {})[file.stem] = keys
+                if "_target_" not in node:
+                    collections.add(group.name)
+            else:
+                plain.setdefault(group.name, set()).update(keys)  # e.g. paths
+    _KNOWN.append(
+        (frozenset(top), {k: frozenset(v) for k, v in plain.items()}, options, collections)
+    )
+    return _KNOWN[0]
+
+
+def validate(cfg: DictConfig) -> dict:
+    """Check a job's config (without its ``hydra`` node): keys first, since a misspelt key
+    explains a wrong value; then the values. Returns the resolved config."""
+    check_keys(OmegaConf.to_container(cfg, resolve=False), *known_keys())
+    try:
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+    except Exception as err:  # a missing environment variable, a bad interpolation
+        raise ConfigError(f"the config cannot be resolved: {first_line(err)}") from None
+    check_config(resolved)
+    return resolved
+
+
+def fail(message: str, code: int = 2, out_dir: Path | None = None) -> None:
+    """``error: message`` on stderr (and in the run's log file when the run keeps its folder),
+    then exit with ``code``."""
+    print(f"error: {message}", file=sys.stderr)
+    if out_dir is not None and out_dir.is_dir():
+        file_log.error(message)
+    sys.exit(code)
+
+
+def fresh(out_dir: Path) -> bool:
+    """Does ``out_dir`` hold only what Hydra made for this job: ``.hydra/`` and an empty log?"""
+    return all(
+        (p.name == ".hydra" and p.is_dir()) or (p.suffix == ".log" and p.stat().st_size == 0)
+        for p in out_dir.iterdir()
     )
 
 
-def check_choices(argv: list[str]) -> None:
-    """Unknown config-group options (``model=foo``) as one line, before Hydra composes."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    groups = {p.name for p in CONF.iterdir() if p.is_dir()}
-    try:
-        overrides = OverridesParser.create().parse_overrides(
-            [a for a in argv if not a.startswith("-")]
-        )
-    except Exception:
-        return  # Hydra reports syntax errors itself
-    for override in overrides:
-        group = override.key_or_group
-        if group not in groups or override.is_delete() or override.package is not None:
-            continue
-        values = (
-            list(override.sweep_string_iterator())
-            if override.is_sweep_override()
-            else [override.value()]
-        )
-        options = sorted(p.stem for p in (CONF / group).glob("*.yaml"))
-        for value in values:
-            if isinstance(value, str) and value not in options and value != "null":
-                raise ConfigError(
-                    f"{group}={value} is unknown; choose one of: {', '.join(options)}"
-                )
+def refuse(message: str, out_dir: Path, was_fresh: bool) -> None:
+    """Stop with exit code 2; a run folder made for this job that holds no checkpoint goes."""
+    checkpoints = out_dir / "checkpoints"
+    if (
+        was_fresh
+        and not (checkpoints.is_dir() and any(checkpoints.iterdir()))
+        and not (out_dir / files.RunLock.NAME).exists()  # another run's (ours is released)
+        and out_dir not in (Path.cwd(), *Path.cwd().parents)
+    ):
+        shutil.rmtree(out_dir, ignore_errors=True)
+    fail(message, out_dir=out_dir)
 
 
-def fail(message: str, code: int = 2) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(code)
+def write_config(out_dir: Path, resolved: dict, verbose: bool) -> None:
+    """``<run dir>/config.yaml``, the resolved config (atomically); printed with verbose=true."""
+    text = OmegaConf.to_yaml(resolved)
+    files.atomic_write(out_dir / "config.yaml", lambda f: f.write(text.encode()))
+    if verbose:
+        print(text)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-    prepare_process()  # allocator tuned for large CPU tensors; a hint when the CPU is busy
-
-    if rank_zero_only.rank == 0:
-        print(OmegaConf.to_yaml(cfg, resolve=True))
+    silence_library_noise()
     out_dir = Path(HydraConfig.get().runtime.output_dir)
+    was_fresh = fresh(out_dir)
+    try:
+        resolved = validate(cfg)
+    except ConfigError as err:
+        refuse(str(err), out_dir, was_fresh)
+    verbose = bool(cfg.get("verbose", False))
+    if verbose:
+        logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.INFO)
+    prepare_process()  # allocator tuned for large CPU tensors; a hint when the CPU is busy
     rank0 = rank_zero_only.rank == 0
     start = time.perf_counter()
     try:
-        check_config(OmegaConf.to_container(cfg, resolve=True))
         # one run per run dir (rank 0 holds the lock; the other DDP processes share the dir)
         lock = files.RunLock(out_dir) if rank0 else None
         with lock or nullcontext(), runner.SignalStop() as stop:
+            if rank0:
+                write_config(out_dir, resolved, verbose)
             try:
                 summary = train_and_test(cfg, stop)
             except BaseException:
@@ -377,9 +441,12 @@ def main(cfg: DictConfig) -> float | None:
         cause = err
         while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
             cause = cause.__cause__
-        fail(str(cause))
+        refuse(str(cause), out_dir, was_fresh)
     except files.DiskFullError as err:
-        fail(str(err), code=3)
+        fail(str(err), code=3, out_dir=out_dir)
+    except Exception as err:  # a crash: Hydra prints the traceback, the run's log keeps a line
+        file_log.error("%s: %s", type(err).__name__, first_line(err))
+        raise
     finish_wandb()
     if summary["status"] == "interrupted":  # also stops a -m sweep: say which jobs did not run
         message = f"{summary['error']} after {summary['epoch']} saved epoch(s)"
@@ -387,7 +454,7 @@ def main(cfg: DictConfig) -> float | None:
             message += "; the SLURM job is requeued and resumes from last.ckpt"
         elif summary["resume"]:
             message += f"; resume with: {summary['resume']}"
-        fail(message + skipped_jobs(), code=stop.exit_code)
+        fail(message + skipped_jobs(), code=stop.exit_code, out_dir=out_dir)
     if stop.signum is not None:  # arrived as this job ended: its results stand, a sweep stops
         print(f"error: {stop.name} received as the run ended{skipped_jobs()}", file=sys.stderr)
         sys.exit(stop.exit_code)
@@ -395,10 +462,13 @@ def main(cfg: DictConfig) -> float | None:
         message = f"{summary['error']} (results.json: {out_dir}/results.json)"
         if HydraConfig.get().mode == RunMode.MULTIRUN:  # the sweep's other jobs still run
             print(f"error: {message}", file=sys.stderr)
+            file_log.error(message)
             return None
-        fail(message, code=3)
+        fail(message, code=3, out_dir=out_dir)
     if rank_zero_only.rank == 0:
-        print(one_line(summary, str(out_dir)))
+        line = runner.one_line(summary, str(out_dir), trained=cfg.train)
+        print(line)
+        file_log.info(line)
     return summary.get(cfg.objective)  # what a sweeper such as Optuna optimises
 
 
@@ -420,8 +490,13 @@ def finish_wandb() -> None:
 
 
 if __name__ == "__main__":
-    try:
+    from preflight import check_choices, preflight
+
+    try:  # every error in the settings before Hydra creates a folder or prints a line
         check_choices(sys.argv[1:])
+        sys.argv += preflight(sys.argv[1:], validate, known_keys)
     except ConfigError as err:
         fail(str(err))
+    except Exception:  # a case the early check does not know: Hydra and main() still check
+        pass
     main()

@@ -7,8 +7,14 @@ value and the allowed values.
 
 from __future__ import annotations
 
+import ast
+import difflib
+import importlib
+import inspect
 import os
-from collections.abc import Mapping
+import textwrap
+from collections.abc import Iterable, Mapping
+from functools import cache
 from pathlib import Path
 
 from dblock.functional.block import KERNELS
@@ -21,6 +27,12 @@ TEST_CKPTS = ("best", "last")
 
 class ConfigError(ValueError):
     """A setting is out of range or unknown; the message names it and the allowed values."""
+
+
+def first_line(err: BaseException) -> str:
+    """An exception's message as one line: its first paragraph, lines joined."""
+    lines = [line.strip() for line in str(err).strip().split("\n\n")[0].splitlines()]
+    return " ".join(line for line in lines if line) or type(err).__name__
 
 
 def _int_at_least(name: str, value, low: int) -> None:
@@ -55,8 +67,14 @@ def check_config(cfg: Mapping) -> None:
         if model.get("chunk") is not None:
             _int_at_least("model.chunk", model.get("chunk"), 1)
     _int_at_least("dataset.batch_size", (cfg.get("dataset") or {}).get("batch_size"), 1)
-    epochs = (cfg.get("trainer") or {}).get("max_epochs")
-    if epochs is not None and epochs != -1:
+    trainer = cfg.get("trainer") or {}
+    epochs = trainer.get("max_epochs")
+    if epochs in (None, -1) and trainer.get("max_time") is None:
+        raise ConfigError(
+            f"trainer.max_epochs={epochs!r} would train until the process is killed; give a "
+            "number of epochs >= 1, or a time limit as well: +trainer.max_time=DD:HH:MM:SS"
+        )
+    if epochs not in (None, -1):
         _int_at_least("trainer.max_epochs", epochs, 1)
     selection = cfg.get("selection") or {}
     if selection.get("monitor") not in MONITORS:
@@ -70,6 +88,9 @@ def check_config(cfg: Mapping) -> None:
         raise ConfigError(f"test_ckpt={cfg.get('test_ckpt')!r} is unknown; choose best or last")
     if not cfg.get("train", True) and not cfg.get("ckpt_path"):
         raise ConfigError("train=false needs ckpt_path=PATH: the checkpoint to evaluate")
+    ckpt = cfg.get("ckpt_path")
+    if ckpt is not None and not Path(ckpt).is_file():
+        raise ConfigError(f"ckpt_path={ckpt} does not exist; give the path of a .ckpt file")
 
 
 def check_data_dir(data_dir: str | Path, generated: bool) -> None:
@@ -98,3 +119,153 @@ def check_selection(monitor: str, has_val: bool) -> None:
             f"selection.monitor={monitor} needs a validation split, but this dataset has none "
             "(dataset.val_fraction=0); set dataset.val_fraction > 0 or selection.monitor=train/loss"
         )
+
+
+# --- unknown keys ------------------------------------------------------------------------------
+
+# keys that instantiate() itself reads from a node with a _target_
+INSTANTIATE_KEYS = frozenset({"_target_", "_args_", "_recursive_", "_convert_", "_partial_"})
+
+
+def check_keys(
+    cfg: Mapping,
+    top: Iterable[str],
+    plain: Mapping[str, Iterable[str]],
+    options: Mapping[str, Mapping[str, Iterable[str]]] | None = None,
+    collections: Iterable[str] = (),
+) -> None:
+    """Refuse keys that nothing reads: a misspelt option would otherwise be silently ignored.
+
+    ``top``: the keys allowed at the top level; ``plain``: for top-level nodes without a
+    ``_target_`` (``selection``, ``paths``), the keys allowed inside. Every node with a
+    ``_target_`` (model, dataset, task, trainer, each callback and logger) may hold the keyword
+    arguments of that target (``accepted_keywords``). ``hydra`` is Hydra's and is not checked.
+    ``options``: for a config group, the keys each of its options defines, to say which option
+    a key belongs to (``dataset.n_train`` is bursts'). ``collections``: nodes whose entries are
+    each an object to create (``callbacks``, ``logger``): an entry needs a ``_target_`` (or is
+    null, switched off). Raises ``ConfigError`` naming the key.
+    """
+    _unknown("", [k for k in cfg if k != "hydra"], set(top))
+    for name, keys in plain.items():
+        node = cfg.get(name)
+        if isinstance(node, Mapping) and "_target_" not in node:
+            _unknown(name, list(node), set(keys))
+    for name in collections:  # callbacks, logger: each entry is created from its _target_
+        for key, entry in (cfg.get(name) or {}).items():
+            if entry is not None and not (isinstance(entry, Mapping) and "_target_" in entry):
+                owner = [o for o, keys in (options or {}).get(name, {}).items() if key in keys]
+                fix = (
+                    f"choose {' or '.join(f'{name}={o}' for o in owner)}"
+                    if owner
+                    else (f"give +{name}.{key}._target_=CLASS, or set {name}.{key}=null")
+                )
+                raise ConfigError(f"{name}.{key} has no _target_, so nothing reads it; {fix}")
+    for path, node in _target_nodes(cfg):
+        accepted = accepted_keywords(node["_target_"])
+        if accepted is not None:
+            owners = {
+                key: [name for name, keys in (options or {}).get(path, {}).items() if key in keys]
+                for key in node
+            }
+            where = f" of {node['_target_']}"
+            _unknown(path, list(node), accepted | INSTANTIATE_KEYS, where, owners)
+
+
+def _target_nodes(node: Mapping, path: str = ""):
+    """(path, node) for every mapping with a ``_target_`` under ``node``, ``hydra`` excluded."""
+    if "_target_" in node and isinstance(node["_target_"], str):
+        yield path, node
+    for key, value in node.items():
+        if isinstance(value, Mapping) and not (path == "" and key == "hydra"):
+            yield from _target_nodes(value, f"{path}.{key}" if path else str(key))
+
+
+def _unknown(
+    path: str, keys: list, known: set[str], where: str = "", owners: Mapping | None = None
+) -> None:
+    for key in keys:
+        if key in known:
+            continue
+        full = f"{path}.{key}" if path else str(key)
+        owner = (owners or {}).get(key)
+        if owner:
+            choices = " and ".join(f"{path}={name}" for name in owner)
+            raise ConfigError(f"{full} is not a setting{where}; only {choices} has it")
+        close = difflib.get_close_matches(str(key), sorted(known - INSTANTIATE_KEYS), n=1)
+        hint = (
+            f"did you mean `{f'{path}.{close[0]}' if path else close[0]}`?"
+            if close
+            else f"known {'keys of ' + path if path else 'top-level keys'}: "
+            + ", ".join(sorted(k for k in known if not k.startswith("_")))
+        )
+        raise ConfigError(f"{full} is not a setting{where}; {hint}")
+
+
+def accepted_keywords(target: str) -> set[str] | None:
+    """The keyword arguments the callable at dotted path ``target`` accepts, or None if any.
+
+    A class's ``__init__`` that passes ``**kwargs`` on to ``super().__init__`` accepts its base
+    classes' arguments too, so those are collected along the MRO. Keywords taken by ``**kwargs``
+    that go anywhere else (e.g. a wrapped library's options), and targets that cannot be
+    imported or inspected, give None: nothing is refused (instantiation reports those).
+    """
+    try:
+        return _accepted(target)
+    except Exception:  # an unimportable target is reported by instantiate()
+        return None
+
+
+@cache
+def _accepted(target: str) -> frozenset[str] | None:
+    obj = _locate(target)
+    chain = (
+        [c.__dict__["__init__"] for c in obj.__mro__ if "__init__" in c.__dict__]
+        if inspect.isclass(obj)
+        else [obj]
+    )
+    names: set[str] = set()
+    for func in chain:
+        if func is object.__init__:
+            return frozenset(names)
+        params = inspect.signature(func).parameters.values()
+        names |= {
+            p.name
+            for p in params
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"
+        }
+        var = next((p.name for p in params if p.kind == p.VAR_KEYWORD), None)
+        if var is None:
+            return frozenset(names)
+        if not _passes_on(func, var):
+            return None
+    return None
+
+
+def _passes_on(func, var: str) -> bool:
+    """Does ``func`` hand ``**var`` on to ``super().__init__(...)``?"""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(inspect.unwrap(func))))
+    for call in ast.walk(tree):
+        if (
+            isinstance(call, ast.Call)
+            and isinstance(call.func, ast.Attribute)
+            and call.func.attr == "__init__"
+            and isinstance(call.func.value, ast.Call)
+            and getattr(call.func.value.func, "id", None) == "super"
+            and any(k.arg is None and getattr(k.value, "id", None) == var for k in call.keywords)
+        ):
+            return True
+    return False
+
+
+def _locate(path: str):
+    """The object at dotted ``path`` (``package.module.Class``), imported."""
+    parts = path.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for name in parts[i:]:
+            obj = getattr(obj, name)
+        return obj
+    return importlib.import_module(path)

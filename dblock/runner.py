@@ -306,3 +306,33 @@ def resume_command(
     if ckpt:
         args.append(f"ckpt_path={os.path.abspath(os.path.join(cwd, ckpt))}")
     return f"cd {shlex.quote(str(cwd))} && {shlex.join(args)}"
+
+
+def one_line(summary: dict, out_dir: str, trained: bool = True) -> str:
+    """The run's result in one line: the network, the test metrics and what was trained."""
+    d = f" d={summary['d']}" if summary["d"] is not None else ""
+    net = f"{summary['model']}{d} layers={summary['layers']}"
+    if not summary["recurrent"]:
+        net += " feedforward"
+    elif summary["model"] == "dblock":  # the standard SNN always detaches (SPEC §2)
+        net += f" recurrent detach_recurrent={str(summary['detach_recurrent']).lower()}"
+    else:
+        net += " recurrent"
+    net = f"{net} reduce={summary['reduce']} on {summary['dataset']}"
+    if summary.get("smoke"):
+        return (
+            f"smoke run of {net}: one batch of train, val and test ran end to end; its numbers "
+            f"are not results (drop debug= for a real run) -> {out_dir}/results.json"
+        )
+    if trained:
+        epoch_s = summary["train/epoch_time_s"]
+        done = (
+            f"{epoch_s if epoch_s is not None else float('nan'):.2f} s/epoch, "
+            f"{summary['epoch']} epochs"
+        )
+    else:
+        done = f"evaluated {summary['tested_ckpt']} (trained {summary['tested_epoch']} epochs)"
+    return (
+        f"{net}: test acc {summary['test/acc']:.4f}, loss {summary['test/loss']:.4f}, "
+        f"{summary['test/spikes_per_sample']:.1f} spikes/sample, {done} -> {out_dir}/results.json"
+    )

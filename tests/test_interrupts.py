@@ -60,8 +60,8 @@ def test_sigterm_stops_a_sweep_and_names_the_jobs_that_did_not_run(tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM
     assert "the sweep stops: 2 job(s) did not run: #1 (" in proc.stderr
     assert "seed=1" in proc.stderr and "seed=2" in proc.stderr
-    assert results(sweep / "0")["status"] == "interrupted"
-    assert not (sweep / "1").exists() and not (sweep / "2").exists()
+    assert results(sweep / "seed=0")["status"] == "interrupted"  # job folders: what they sweep
+    assert not (sweep / "seed=1").exists() and not (sweep / "seed=2").exists()
 
 
 def test_slurm_requeue_signal_requeues_and_the_job_resumes_by_itself(reference, tmp_path):

@@ -461,8 +461,12 @@ def test_non_finite_job_does_not_stop_a_sweep(tmp_path):
         ["-m", *TINY, "trainer.max_epochs=1", f"hydra.sweep.dir={sweep}", *poison], tmp_path
     )
     assert "error: non-finite training loss in epoch 0" in proc.stderr
-    status = [json.loads((sweep / str(i) / "results.json").read_text())["status"] for i in (0, 1)]
+    jobs = [sweep / f"+callbacks.fault.epoch={e}" for e in (0, 5)]  # named by what they sweep
+    status = [json.loads((job / "results.json").read_text())["status"] for job in jobs]
     assert status == ["failed", "ok"]
+    # each job's run.log ends with its error or its summary line
+    assert "non-finite" in (jobs[0] / "run.log").read_text().splitlines()[-1]
+    assert "test acc" in (jobs[1] / "run.log").read_text().splitlines()[-1]
 
 
 def test_ddp_inside_a_local_sweep_is_refused(tmp_path):
