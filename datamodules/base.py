@@ -1,10 +1,11 @@
 """A LightningDataModule over the event store: batches are built on the training device.
 
 DataLoaders yield only sample indices (cheap, no worker processes, DDP-shardable by Lightning's
-distributed sampler); ``on_after_batch_transfer`` turns them into dense time-major (T, B, n_in)
-counts by scatter-add from the store held on the model's device, into memory reused from an
-earlier batch once nothing refers to that batch any more. Training on the CPU, the next batch
-is built in a background thread while the model trains on the current one (``prefetch``).
+distributed sampler); ``on_after_batch_transfer`` turns them into time-major (T, B, n_in) counts
+from the store held on the model's device: a sparse COO tensor of the batch's events (``input``
+``sparse``; the model's input projection then costs in proportion to the events), or a dense
+tensor built by scatter-add into memory reused from an earlier batch once nothing refers to that
+batch any more (``dense``). ``auto``: sparse on the CPU, dense on other devices.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from datamodules.batches import BatchBuffers
 from datamodules.cache import cached_store
 from datamodules.checks import DataError, check_dropped
 from datamodules.events import EventStore
+from dblock.config_check import INPUTS
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +124,10 @@ class EventDataModule(pl.LightningDataModule):
 
     Every split read must hold samples, and at most ``max_dropped_fraction`` of its events may
     fall at or beyond T (more means a unit mistake or a too short T; 1 allows any).
+
+    ``input``: the batch format, ``sparse`` (a coalesced sparse COO tensor of counts), ``dense``
+    or ``auto`` (sparse on the CPU, where it makes the input projection many times cheaper;
+    dense on a GPU, whose dense matmul is fast).
     """
 
     name = "events"
@@ -141,8 +147,13 @@ class EventDataModule(pl.LightningDataModule):
         cache: bool = True,
         cache_dir: str | Path | None = None,
         max_dropped_fraction: float = 0.5,
+        input: str = "auto",
     ) -> None:
         super().__init__()
+        if input not in INPUTS:
+            choices = ", ".join(INPUTS)
+            raise ValueError(f"dataset.input={input!r} is unknown; choose one of: {choices}")
+        self.input = input
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"dataset.batch_size must be an integer >= 1, got {batch_size!r}")
         fraction = max_dropped_fraction
@@ -250,7 +261,7 @@ class EventDataModule(pl.LightningDataModule):
         """Samples, events, events dropped beyond T, empty samples and classes of a split."""
         s = self.stores[store]
         idx_t = torch.as_tensor(idx, dtype=torch.long)
-        events = int((s.offsets[idx_t + 1] - s.offsets[idx_t]).sum())
+        events = int(s.sample_events(idx_t).sum())
         dropped = int(s.dropped[idx_t].sum()) if s.dropped is not None else 0
         empty = int((s.raw_counts[idx_t] == 0).sum()) if s.raw_counts is not None else 0
         classes = len(torch.unique(s.labels[idx_t]))
@@ -293,7 +304,13 @@ class EventDataModule(pl.LightningDataModule):
             self._on_device[key] = self.stores[name].to(device)
         return self._on_device[key]
 
+    def sparse_on(self, device: torch.device) -> bool:
+        """Whether batches on ``device`` are sparse (``input``; ``auto``: on the CPU)."""
+        return self.input == "sparse" or (self.input == "auto" and device.type == "cpu")
+
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> tuple[Tensor, Tensor]:
         idx = batch["idx"]
         store = self.store_on(batch["store"], idx.device)
+        if self.sparse_on(idx.device):
+            return store.sparse(idx), store.labels[idx]
         return store.dense(idx, buffers=self._buffers), store.labels[idx]

@@ -1,11 +1,121 @@
-"""Memory for dense batches, reused from one batch to the next (``EventStore.dense``)."""
+"""Batches from the event store, built on the store's device: dense (T, B, n_in) counts, or the
+same counts as a sparse COO tensor.
+
+- ``dense_batch``: one scatter-add of the batch's entries into a (T, B, n_in) tensor, whose
+  memory ``BatchBuffers`` reuses from one batch to the next.
+- ``sparse_batch``: the entries put in (t, b, unit) order by a counting sort (no comparison sort:
+  each sample's entries are already sorted by (bin, unit) in the store, so the batch is the
+  samples' runs of equal bin, interleaved), as a coalesced COO tensor with the counts as values.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from datamodules.events import EventStore
+
+
+def single_threaded(build):
+    """Run a CPU batch build on one thread: these memory-bound passes gain little from threads,
+    and on a busy machine intra-op threads made them several times slower (measured)."""
+
+    def wrapper(store: EventStore, idx: Tensor, *args):
+        if store.offsets.device.type != "cpu" or torch.get_num_threads() == 1:
+            return build(store, idx, *args)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return build(store, idx, *args)
+        finally:
+            torch.set_num_threads(threads)
+
+    wrapper.__doc__ = build.__doc__
+    return wrapper
+
+
+@single_threaded
+def dense_batch(
+    store: EventStore, idx: Tensor, dtype: torch.dtype, buffers: BatchBuffers | None
+) -> Tensor:
+    """(T, B, n_in) counts of samples ``idx`` (B,), contiguous (see ``EventStore.dense``)."""
+    idx = idx.to(store.offsets.device, torch.long)
+    dev, b, n_in = idx.device, idx.shape[0], store.n_in
+    starts = store.offsets[idx]
+    counts = store.offsets[idx + 1] - starts
+    take = sliced_events if dev.type == "cpu" else gathered_events
+    arrays = (store.bins, store.units) + (() if store.single else (store.repeats,))
+    bins, units, *repeats = take(arrays, starts, counts)
+    # flat index (bin * B + row) * n_in + unit of the (T, B, n_in) output, in int64
+    flat = torch.repeat_interleave(
+        torch.arange(0, b * n_in, n_in, device=dev), counts, output_size=bins.shape[0]
+    )
+    flat.add_(bins, alpha=b * n_in).add_(units)
+    if repeats:
+        values = repeats[0].to(dtype)
+    else:
+        values = torch.ones(flat.shape[0], dtype=dtype, device=dev)
+    numel = store.t_len * b * n_in
+    if buffers is None:
+        out = torch.zeros(numel, dtype=dtype, device=dev).scatter_add_(0, flat, values)
+    else:
+        out = buffers.scatter_add(numel, flat, values)
+    return out.view(store.t_len, b, n_in)
+
+
+@single_threaded
+def sparse_batch(store: EventStore, idx: Tensor, dtype: torch.dtype) -> Tensor:
+    """Coalesced sparse COO (T, B, n_in) counts of samples ``idx`` (see ``EventStore.sparse``).
+
+    With ``n[b, t]`` the entries of sample ``idx[b]`` in bin t (``store.bin_counts``), the run of
+    (t, b) starts at ``src = offsets[idx[b]] + sum_{t' < t} n[b, t']`` in the store and at
+    ``dst = sum_{(t', b') < (t, b)} n[b', t']`` in the batch; entry ``p`` of the batch, in run
+    ``r(p)``, is store entry ``p + src[r(p)] - dst[r(p)]``.
+    """
+    t_len, n_in = store.t_len, store.n_in
+    idx = idx.to(store.offsets.device, torch.long)
+    dev, b = idx.device, idx.shape[0]
+    per_bin = store.bin_counts[idx].long()  # (B, T)
+    per_run = per_bin.t().reshape(-1)  # (T * B,) entries per (t, b), in (t, b) order
+    src = (per_bin.cumsum(1) - per_bin).add_(store.offsets[idx].unsqueeze(1)).t().reshape(-1)
+    ends = per_run.cumsum(0)
+    nnz = int(ends[-1]) if ends.numel() else 0
+    shift = src.sub_(ends).add_(per_run)  # src - dst per run
+    run = torch.repeat_interleave(per_run, output_size=nnz)  # (nnz,) run t * B + b of each entry
+    indices = torch.empty(3, nnz, dtype=torch.long, device=dev)
+    torch.index_select(torch.arange(t_len, device=dev).repeat_interleave(b), 0, run, out=indices[0])
+    torch.index_select(torch.arange(b, device=dev).repeat(t_len), 0, run, out=indices[1])
+    pos = shift.index_select(0, run).add_(torch.arange(nnz, device=dev))
+    indices[2] = store.units.index_select(0, pos)
+    if store.single:
+        values = torch.ones(nnz, dtype=dtype, device=dev)
+    else:
+        values = store.repeats.index_select(0, pos).to(dtype)
+    return torch.sparse_coo_tensor(
+        indices, values, (t_len, b, n_in), is_coalesced=True, check_invariants=False
+    )
+
+
+def sliced_events(arrays: tuple[Tensor, ...], starts: Tensor, counts: Tensor) -> list[Tensor]:
+    """Each of ``arrays`` (E,) restricted to the samples starting at ``starts`` with ``counts``
+    entries, in order: one slice per sample (each sample's entries are contiguous),
+    concatenated. The CPU path: no index arithmetic, one memory copy per array."""
+    spans = list(zip(starts.tolist(), (starts + counts).tolist(), strict=True))
+    return [torch.cat([a[s:e] for s, e in spans]) for a in arrays]
+
+
+def gathered_events(arrays: tuple[Tensor, ...], starts: Tensor, counts: Tensor) -> list[Tensor]:
+    """As ``sliced_events``, by one gather per array with no per-sample host work (the GPU
+    path)."""
+    total = int(counts.sum())
+    # position of each gathered entry in the flat arrays
+    shift = torch.repeat_interleave(starts - (counts.cumsum(0) - counts), counts, output_size=total)
+    pos = torch.arange(total, device=starts.device).add_(shift)
+    return [a[pos] for a in arrays]
 
 
 @dataclass(eq=False)

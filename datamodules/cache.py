@@ -1,11 +1,12 @@
 """The on-disk cache of binned event stores.
 
-A split's store is written once as an uncompressed ``.npz`` (flat int16 units and bins,
-offsets, labels, per-sample drop counts) under the cache directory, named by a key that hashes
-the source files' identity (absolute path, size, modification time in ns), ``dt``, ``T``,
-``n_in``, ``n_classes`` and the cache format version. Any change to those gives a new key, so a
-stale entry is never read. Each split keeps its ``KEEP`` most recently used entries (a sweep over
-dt or T does not rebuild every time); older ones are deleted when a new one is written.
+A split's store is written once as an uncompressed ``.npz`` (flat int16 units, bins and repeat
+counts of each sample's entries in (bin, unit) order, offsets, labels, per-sample drop counts)
+under the cache directory, named by a key that hashes the source files' identity (absolute path,
+size, modification time in ns), ``dt``, ``T``, ``n_in``, ``n_classes`` and the cache format
+version. Any change to those gives a new key, so a stale entry is never read. Each split keeps
+its ``KEEP`` most recently used entries (a sweep over dt or T does not rebuild every time);
+older ones are deleted when a new one is written.
 
 Entries are written atomically (``dblock.files.atomic_path``) and carry a checksum of their
 arrays: the meta record, written last, holds the CRC-32 of every array member of the ``.npz``
@@ -33,9 +34,9 @@ from dblock.files import atomic_path, remove_orphans
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2  # 2: array checksums in the meta record
+CACHE_VERSION = 3  # 2: array checksums in the meta record; 3: entries in order, with repeats
 KEEP = 4  # entries kept per split
-ARRAYS = ("units", "bins", "offsets", "labels", "dropped", "raw_counts")
+ARRAYS = ("units", "bins", "offsets", "labels", "dropped", "raw_counts", "repeats")
 
 
 def file_identity(paths: Iterable[Path]) -> list[tuple[str, int, int]]:

@@ -1,15 +1,17 @@
 """The compact event store shared by every dataset, and the SHD-layout HDF5 reader/writer.
 
 A split is held as flat arrays plus per-sample offsets, with times already binned for the
-configured ``dt`` and ``T``. Dense time-major (T, B, n_in) count tensors are built from it on
-whatever device the store lives on, by one scatter-add per batch (into memory reused from an
-earlier batch when given ``datamodules.batches.BatchBuffers``).
+configured ``dt`` and ``T``: each sample's events sorted by (bin, unit), a repeated (bin, unit)
+held once with its count. Batches are built from it on whatever device the store lives on
+(``datamodules.batches``): dense time-major (T, B, n_in) counts by one scatter-add, or the same
+counts as a coalesced sparse COO tensor without any dense tensor.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, fields
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,10 +37,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+CHUNK_EVENTS = 1 << 24  # events sorted at once when a store is put in order (bounds memory)
+
 
 @dataclass
 class EventStore:
-    """Events of one split: sample ``i`` owns ``units/bins[offsets[i]:offsets[i+1]]``."""
+    """Events of one split: sample ``i`` owns ``units/bins/repeats[offsets[i]:offsets[i+1]]``.
+
+    Each sample's entries are sorted by (bin, unit) and unique; ``repeats`` counts the events of
+    the sample at that (bin, unit) (SPEC §6: a repeated (unit, bin) adds up). Built without
+    ``repeats`` (raw events, one per entry, in any order), the store puts itself in that form.
+    """
 
     units: Tensor  # (E,) int16 (int32 when n_in > 32767) input channel
     bins: Tensor  # (E,) int16 (int32 when t_len > 32767) time bin in [0, t_len)
@@ -48,13 +57,54 @@ class EventStore:
     t_len: int
     dropped: Tensor | None = None  # (n,) int64 events per sample dropped beyond T (None: unknown)
     raw_counts: Tensor | None = None  # (n,) int64 events per sample in the file, before dropping
+    repeats: Tensor | None = None  # (E,) int16 (int32 if needed) events merged into each entry
+
+    def __post_init__(self) -> None:
+        if self.repeats is None:
+            self.units, self.bins, self.repeats, self.offsets = canonical_events(
+                self.units, self.bins, self.offsets, self.n_in, self.t_len
+            )
 
     def __len__(self) -> int:
         return self.labels.shape[0]
 
     @property
-    def n_events(self) -> int:
+    def n_entries(self) -> int:
+        """Distinct (sample, bin, unit) entries: the non-zeros of all the samples' inputs."""
         return self.units.shape[0]
+
+    @property
+    def n_events(self) -> int:
+        """Events (input spikes) kept in the store."""
+        return int(self.repeats.sum())
+
+    @cached_property
+    def single(self) -> bool:
+        """Whether every entry is one event (no repeated (sample, bin, unit))."""
+        return self.n_entries == 0 or int(self.repeats.max()) == 1
+
+    def sample_events(self, idx: Tensor) -> Tensor:
+        """Events kept per sample of ``idx`` (B,), int64."""
+        if self.raw_counts is not None and self.dropped is not None:
+            return (self.raw_counts - self.dropped)[idx]
+        ends = torch.cat([self.repeats.new_zeros(1, dtype=torch.long), self.repeats.cumsum(0)])
+        return ends[self.offsets[idx + 1]] - ends[self.offsets[idx]]
+
+    @cached_property
+    def bin_counts(self) -> Tensor:
+        """(n, t_len) entries of each sample in each bin, on the store's device (computed once,
+        chunked over samples; used to build sparse batches without sorting)."""
+        n, t_len = len(self), self.t_len
+        dtype = torch.int16 if self.n_in <= torch.iinfo(torch.int16).max else torch.int32
+        out = torch.zeros(n, t_len, dtype=dtype, device=self.offsets.device)
+        for lo, hi in sample_chunks(self.offsets):
+            a, e = int(self.offsets[lo]), int(self.offsets[hi])
+            per = self.offsets[lo + 1 : hi + 1] - self.offsets[lo:hi]
+            key = torch.repeat_interleave(
+                torch.arange(0, (hi - lo) * t_len, t_len, device=per.device), per, output_size=e - a
+            ).add_(self.bins[a:e])
+            out[lo:hi] = torch.bincount(key, minlength=(hi - lo) * t_len).view(hi - lo, t_len)
+        return out
 
     def to(self, device: torch.device | str) -> EventStore:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -68,68 +118,71 @@ class EventStore:
     ) -> Tensor:
         """Time-major count tensor (T, B, n_in) of samples ``idx`` (B,), contiguous, built on the
         store's device. With ``buffers`` its memory is reused from an earlier batch that nothing
-        refers to any more (see ``BatchBuffers``); without, it is a new tensor.
+        refers to any more (see ``BatchBuffers``); without, it is a new tensor."""
+        from datamodules.batches import dense_batch
 
-        On CPU it runs single-threaded: these memory-bound passes gain little from threads, and
-        on a busy machine intra-op threads made them several times slower (measured).
-        """
-        if self.offsets.device.type != "cpu" or torch.get_num_threads() == 1:
-            return self._dense(idx, dtype, buffers)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return self._dense(idx, dtype, buffers)
-        finally:
-            torch.set_num_threads(threads)
+        return dense_batch(self, idx, dtype, buffers)
 
-    def _dense(self, idx: Tensor, dtype: torch.dtype, buffers: BatchBuffers | None) -> Tensor:
-        idx = idx.to(self.offsets.device, torch.long)
-        dev, b, n_in = idx.device, idx.shape[0], self.n_in
-        starts = self.offsets[idx]
-        counts = self.offsets[idx + 1] - starts
-        bins, units = self._events_of(starts, counts)
-        # flat index (bin * B + row) * n_in + unit of the (T, B, n_in) output, in int64
-        flat = torch.repeat_interleave(
-            torch.arange(0, b * n_in, n_in, device=dev), counts, output_size=bins.shape[0]
-        )
-        flat.add_(bins, alpha=b * n_in).add_(units)
-        ones = torch.ones(flat.shape[0], dtype=dtype, device=dev)
-        numel = self.t_len * b * n_in
-        if buffers is None:
-            out = torch.zeros(numel, dtype=dtype, device=dev).scatter_add_(0, flat, ones)
-        else:
-            out = buffers.scatter_add(numel, flat, ones)
-        return out.view(self.t_len, b, n_in)
+    def sparse(self, idx: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The same counts as ``dense`` as a coalesced sparse COO tensor (T, B, n_in), built on
+        the store's device with no dense tensor: ``sparse(idx).to_dense()`` equals
+        ``dense(idx)``. Its indices are sorted by (t, b, unit), as ``Projection`` reads them."""
+        from datamodules.batches import sparse_batch
 
-    def _events_of(self, starts: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
-        """The bins and units of the samples whose events start at ``starts`` (B,), in order."""
-        if starts.device.type == "cpu":
-            return sliced_events(self.bins, self.units, starts, counts)
-        return gathered_events(self.bins, self.units, starts, counts)
+        return sparse_batch(self, idx, dtype)
 
     def state(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def sliced_events(
-    bins: Tensor, units: Tensor, starts: Tensor, counts: Tensor
-) -> tuple[Tensor, Tensor]:
-    """``bins`` and ``units`` of the samples starting at ``starts`` with ``counts`` events, in
-    order: one slice per sample (each sample's events are contiguous), concatenated. The CPU path:
-    no index arithmetic, two memory copies."""
-    spans = list(zip(starts.tolist(), (starts + counts).tolist(), strict=True))
-    return torch.cat([bins[a:e] for a, e in spans]), torch.cat([units[a:e] for a, e in spans])
+def sample_chunks(offsets: Tensor, limit: int = CHUNK_EVENTS) -> list[tuple[int, int]]:
+    """Consecutive sample ranges ``[lo, hi)`` of at most ``limit`` events each (a longer sample
+    gets a range of its own), covering every sample."""
+    n = offsets.shape[0] - 1
+    bounds = offsets.cpu()
+    chunks, lo = [], 0
+    while lo < n:
+        hi = int(torch.searchsorted(bounds, bounds[lo] + limit, right=True)) - 1
+        hi = min(max(hi, lo + 1), n)
+        chunks.append((lo, hi))
+        lo = hi
+    return chunks
 
 
-def gathered_events(
-    bins: Tensor, units: Tensor, starts: Tensor, counts: Tensor
-) -> tuple[Tensor, Tensor]:
-    """As ``sliced_events``, by one gather with no per-sample host work (the GPU path)."""
-    total = int(counts.sum())
-    # position of each gathered event in the flat arrays
-    shift = torch.repeat_interleave(starts - (counts.cumsum(0) - counts), counts, output_size=total)
-    pos = torch.arange(total, device=starts.device).add_(shift)
-    return bins[pos], units[pos]
+def canonical_events(
+    units: Tensor, bins: Tensor, offsets: Tensor, n_in: int, t_len: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Raw events in sample order -> each sample's entries sorted by (bin, unit), a repeated
+    (bin, unit) held once: returns (units, bins, repeats, offsets), dtypes kept.
+
+    One sort of the key (sample, bin, unit) per chunk of samples (no argsort: the key holds every
+    field), then a count of equal neighbours.
+    """
+    parts: list[tuple[Tensor, Tensor, Tensor]] = []
+    per_sample = [offsets.new_zeros(1)]
+    for lo, hi in sample_chunks(offsets):
+        a, e = int(offsets[lo]), int(offsets[hi])
+        per = offsets[lo + 1 : hi + 1] - offsets[lo:hi]
+        sample = torch.repeat_interleave(
+            torch.arange(hi - lo, device=offsets.device), per, output_size=e - a
+        )
+        key = (sample * t_len + bins[a:e]) * n_in + units[a:e]
+        entries, repeats = torch.unique_consecutive(torch.sort(key).values, return_counts=True)
+        cell = torch.div(entries, n_in, rounding_mode="floor")
+        parts.append((entries - cell * n_in, cell % t_len, repeats))
+        per_sample.append(torch.bincount(cell // t_len, minlength=hi - lo))
+    if not parts:
+        empty = units.new_zeros(0)
+        return empty, bins.new_zeros(0), torch.zeros(0, dtype=torch.int16), offsets
+    repeats = torch.cat([r for _, _, r in parts])
+    small = repeats.numel() == 0 or int(repeats.max()) <= torch.iinfo(torch.int16).max
+    narrow = torch.int16 if small else torch.int32
+    return (
+        torch.cat([u for u, _, _ in parts]).to(units.dtype),
+        torch.cat([b for _, b, _ in parts]).to(bins.dtype),
+        repeats.to(narrow),
+        torch.cumsum(torch.cat(per_sample), 0),
+    )
 
 
 def bin_events(times: np.ndarray, dt_ms: float, t_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -185,7 +238,7 @@ def concat_stores(stores: list[EventStore]) -> EventStore:
     base = 0
     for s in stores:
         offsets.append(s.offsets[1:] + base)
-        base += s.n_events
+        base += s.n_entries
     return EventStore(
         units=torch.cat([s.units for s in stores]),
         bins=torch.cat([s.bins for s in stores]),
@@ -195,6 +248,7 @@ def concat_stores(stores: list[EventStore]) -> EventStore:
         t_len=first.t_len,
         dropped=torch.cat([s.dropped for s in stores]),
         raw_counts=torch.cat([s.raw_counts for s in stores]),
+        repeats=torch.cat([s.repeats for s in stores]),
     )
 
 

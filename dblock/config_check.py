@@ -21,6 +21,7 @@ from dblock.functional.block import KERNELS
 from dblock.models.classifier import MODELS
 
 MONITORS = ("train/loss", "train/acc", "val/loss", "val/acc")
+INPUTS = ("auto", "dense", "sparse")  # dataset.input: the batch format (datamodules/base.py)
 MODES = ("min", "max")
 TEST_CKPTS = ("best", "last")
 
@@ -67,6 +68,11 @@ def check_config(cfg: Mapping) -> None:
         if model.get("chunk") is not None:
             _int_at_least("model.chunk", model.get("chunk"), 1)
     _int_at_least("dataset.batch_size", (cfg.get("dataset") or {}).get("batch_size"), 1)
+    batch_input = (cfg.get("dataset") or {}).get("input", "auto")
+    if batch_input not in INPUTS:
+        raise ConfigError(
+            f"dataset.input={batch_input!r} is unknown; choose one of: {', '.join(INPUTS)}"
+        )
     trainer = cfg.get("trainer") or {}
     epochs = trainer.get("max_epochs")
     if epochs in (None, -1) and trainer.get("max_time") is None:

@@ -130,7 +130,7 @@ def requeue_slurm_job() -> bool:
 # --- checkpoints ----------------------------------------------------------------------------
 
 # what a checkpoint's dataset settings may differ in: where the data live, and how they load
-LOCATION_KEYS = {"data_dir", "cache", "cache_dir", "download", "batch_size"}
+LOCATION_KEYS = {"data_dir", "cache", "cache_dir", "download", "batch_size", "input"}
 EVAL_FREE_KEYS = {"val_fraction", "split_seed"}  # evaluation reads the test split only
 SHORT = {  # the short top-level knobs the user types
     "model.model": "model",

@@ -23,15 +23,16 @@ def _store(tmp_path, n=12, n_in=9, t_len=30):
 
 def test_sliced_and_gathered_events_agree(tmp_path):
     """The CPU path (one slice per sample) and the device path (one gather) pick the same events."""
-    from datamodules.events import gathered_events, sliced_events
+    from datamodules.batches import gathered_events, sliced_events
 
     store = _store(tmp_path)
     idx = torch.tensor([5, 3, 0, 11, 5])
     starts = store.offsets[idx]
     counts = store.offsets[idx + 1] - starts
+    arrays = (store.bins, store.units, store.repeats)
     for got, want in zip(
-        sliced_events(store.bins, store.units, starts, counts),
-        gathered_events(store.bins, store.units, starts, counts),
+        sliced_events(arrays, starts, counts),
+        gathered_events(arrays, starts, counts),
         strict=True,
     ):
         assert torch.equal(got, want) and got.shape[0] == int(counts.sum())

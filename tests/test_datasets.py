@@ -63,7 +63,9 @@ def test_shd_from_config_matches_hand_binning(shd_dir):
     batch = next(iter(dm.test_dataloader()))
     x, y = dm.on_after_batch_transfer(batch, 0)
     want = hand_dense(times, units, 700, 500, 2.0)[:, batch["idx"]]
-    torch.testing.assert_close(x, want)
+    assert x.layout == torch.sparse_coo  # dataset.input=auto on the CPU
+    torch.testing.assert_close(x.to_dense(), want)
+    torch.testing.assert_close(dm.stores["test"].dense(batch["idx"]), want)
     assert y.tolist() == (np.arange(20) % 20)[batch["idx"].numpy()].tolist()
     train, val = dm.split_indices["train"][1], dm.split_indices["val"][1]
     assert len(train) + len(val) == 40 and len(val) == 20  # at least one per class
@@ -124,6 +126,7 @@ def test_nmnist_store_matches_hand_binning(nmnist_dir):
                       scale=1e-3)
     got = dm.stores["train"].dense(torch.arange(30))
     torch.testing.assert_close(got, want)
+    torch.testing.assert_close(dm.stores["train"].sparse(torch.arange(30)).to_dense(), want)
     assert dm.stores["train"].labels.tolist() == [int(f.parent.name) for f in files]
     assert int(dm.stores["train"].dropped.sum()) > 0  # events after 300 ms
 

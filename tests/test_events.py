@@ -61,14 +61,18 @@ def test_bursts_classes_share_channel_counts():
 
 
 def test_datamodule_batches(tmp_path):
-    dm = BurstsDataModule(tmp_path, n_train=64, n_test=32, batch_size=16)
+    dm = BurstsDataModule(tmp_path, n_train=64, n_test=32, batch_size=16, input="dense")
     dm.prepare_data()
     dm.setup()
     assert len(dm.split_indices["train"][1]) + len(dm.split_indices["val"][1]) == 64
     batch = next(iter(dm.train_dataloader()))
-    x, y = dm.on_after_batch_transfer(batch, 0)
+    x, y = dm.on_after_batch_transfer(dict(batch), 0)
     assert x.shape == (100, 16, 64) and y.shape == (16,) and x.is_contiguous()
     assert x.sum() > 0 and 0 <= y.min() and y.max() < 10
+    dm.input = "auto"  # on the CPU: the same counts as a coalesced sparse tensor
+    xs, ys = dm.on_after_batch_transfer(batch, 0)
+    assert xs.layout == torch.sparse_coo and xs.is_coalesced() and torch.equal(ys, y)
+    assert torch.equal(xs.to_dense(), x)
 
 
 def test_stratified_split():

@@ -1,8 +1,10 @@
-"""Pure functions on tensors: surrogate, standard LIF, d-block kernels, readout, reference."""
+"""Pure functions on tensors: surrogate, standard LIF, d-block kernels, readout, the sparse
+input projection, reference."""
 
 from dblock.functional import reference
 from dblock.functional.block import check_kernel, dblock_neurons, pick_kernel
 from dblock.functional.blocks import block_lengths, check_d
+from dblock.functional.events import event_linear
 from dblock.functional.lif import lif_neurons
 from dblock.functional.readout import leaky_readout
 from dblock.functional.surrogate import fast_sigmoid, get_surrogate
@@ -12,6 +14,7 @@ __all__ = [
     "check_d",
     "check_kernel",
     "dblock_neurons",
+    "event_linear",
     "fast_sigmoid",
     "get_surrogate",
     "leaky_readout",

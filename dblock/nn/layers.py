@@ -40,14 +40,24 @@ class Decay(nn.Module):
 class Projection(nn.Linear):
     """Input projection ``W x + b`` over every time step, (T, B, n_in) -> (T, B, n_out).
 
-    A plain ``nn.Linear`` on the contiguous time-major layout: one matmul over all T * B rows,
-    no transposing copy (on a permuted (B, n_in, T) view it is 2-4x slower on a CPU).
+    ``x`` dense: a plain ``nn.Linear`` on the contiguous time-major layout, one matmul over all
+    T * B rows, no transposing copy (on a permuted (B, n_in, T) view it is 2-4x slower on a CPU).
+    ``x`` a sparse COO tensor (the input spikes as events, ``x.to_dense()`` the dense batch):
+    ``F.event_linear``, whose cost grows with the number of events instead of T * B * n_in
+    (other sparse layouts are converted to COO first). The output is dense either way.
     """
 
     def __init__(self, n_in: int, n_out: int, zero_bias: bool = True) -> None:
         super().__init__(n_in, n_out)  # W ~ U(+-sqrt(1/n_in)) is nn.Linear's default
         if zero_bias:
             nn.init.zeros_(self.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.layout == torch.strided:
+            return super().forward(x)
+        if x.layout != torch.sparse_coo:
+            x = x.to_sparse_coo()
+        return F.event_linear(x, self.weight, self.bias)
 
 
 class DBlockLayer(nn.Module):
