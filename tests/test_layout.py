@@ -18,8 +18,11 @@ COPIES = {
 }
 
 
-def _layout(t: torch.Tensor) -> tuple:
-    """Strides of the dimensions that matter (size > 1); None for broadcast (stride-0) views."""
+def _layout(t: torch.Tensor) -> tuple | None:
+    """Strides of the dimensions that matter (size > 1); None for broadcast (stride-0) views and
+    for sparse tensors (no strides: a copy of one is no transposition)."""
+    if t.layout != torch.strided:
+        return None
     strides = [s for n, s in zip(t.shape, t.stride(), strict=True) if n > 1]
     return None if 0 in strides else tuple(strides)
 
@@ -49,10 +52,16 @@ class Watch(pl.Callback):
 
     def __init__(self, mode: LayoutCopies) -> None:
         self.mode = mode
+        self.inputs: set = set()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         x, _ = batch
-        assert x.is_contiguous() and x.shape[1] == batch[1].shape[0]  # (T, B, n_in)
+        assert x.shape[1] == batch[1].shape[0]  # (T, B, n_in)
+        if x.layout == torch.sparse_coo:  # events in (t, b, unit) order, as the projection reads
+            assert x.is_coalesced()
+        else:
+            assert x.is_contiguous()
+        self.inputs.add(x.layout)
         self.mode.__enter__()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -60,18 +69,21 @@ class Watch(pl.Callback):
 
 
 @pytest.mark.parametrize(
-    "model, recurrent, detach",
+    "model, recurrent, detach, batch_input",
     [
-        ("dblock", True, True),
-        ("dblock", False, True),
-        ("dblock", True, False),
-        ("standard", True, True),
-        ("standard", False, True),
+        ("dblock", True, True, "sparse"),
+        ("dblock", True, True, "dense"),
+        ("dblock", False, True, "sparse"),
+        ("dblock", True, False, "dense"),
+        ("standard", True, True, "sparse"),
+        ("standard", False, True, "dense"),
     ],
 )
-def test_training_step_makes_no_transposing_copy(tmp_path, model, recurrent, detach):
+def test_training_step_makes_no_transposing_copy(tmp_path, model, recurrent, detach, batch_input):
     n_hidden = 24  # != n_in (64) and != T (100): each layout's size is distinct
-    dm = BurstsDataModule(tmp_path, n_train=64, n_test=16, batch_size=16, val_fraction=0.0)
+    dm = BurstsDataModule(
+        tmp_path, n_train=64, n_test=16, batch_size=16, val_fraction=0.0, input=batch_input
+    )
     net = SNNClassifier(
         n_in=64,
         n_hidden=n_hidden,
@@ -84,6 +96,7 @@ def test_training_step_makes_no_transposing_copy(tmp_path, model, recurrent, det
         t_len=100,
     )
     mode = LayoutCopies(threshold=100 * 16 * n_hidden)  # a whole (T, B, N) tensor or more
+    watch = Watch(mode)
     trainer = pl.Trainer(
         max_epochs=1,
         limit_train_batches=2,
@@ -91,11 +104,12 @@ def test_training_step_makes_no_transposing_copy(tmp_path, model, recurrent, det
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[Watch(mode)],
+        callbacks=[watch],
     )
     trainer.fit(SNNTask(net, n_classes=10), datamodule=dm)
     assert mode.ops > 50  # the steps ran inside the watch
     assert mode.found == []
+    assert watch.inputs == {torch.sparse_coo if batch_input == "sparse" else torch.strided}
 
 
 def test_the_watch_sees_a_transposing_copy():

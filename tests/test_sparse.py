@@ -125,10 +125,12 @@ def test_training_step_with_sparse_input_matches_dense(
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
 def test_uncoalesced_input_adds_repeats_and_any_leading_shape_works():
     proj = Projection(6, 4, zero_bias=False).double().to(DEVICE)
     i = torch.tensor([[0, 1, 0, 0, 1], [2, 0, 2, 2, 5]], device=DEVICE)  # (0, 2) three times
-    x = torch.sparse_coo_tensor(i, torch.ones(5, dtype=torch.float64, device=DEVICE), (2, 6))
+    ones = torch.ones(5, dtype=torch.float64, device=DEVICE)
+    x = torch.sparse_coo_tensor(i, ones, (2, 6), check_invariants=True)
     assert not x.is_coalesced()
     torch.testing.assert_close(proj(x), proj(x.to_dense()))
     x4 = events(3, 2, 6, seed=5).to(DEVICE).view(3, 2, 1, 6)  # (T, B, 1, n_in)
