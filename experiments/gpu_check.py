@@ -6,7 +6,9 @@
 In order, each section's rows going into one CSV and one markdown table under ``--out``:
 
 1. ``tests``: the kernel equivalence tests (every kernel against the step-by-step reference,
-   tests/test_kernels.py, test_functional.py, test_chunked.py) with their tensors on the device.
+   tests/test_kernels.py, test_functional.py, test_chunked.py) and the sparse-input tests (sparse
+   batches and the event-driven projection against the dense path, tests/test_sparse.py) with
+   their tensors on the device.
 2. ``train``: ``python run.py trainer.accelerator=gpu`` for a few epochs on the embedded dataset
    (the event store lives on the device; batches are built there), in float32, bf16-mixed and
    16-mixed (the CPU: float32 and bf16-mixed).
@@ -65,7 +67,12 @@ COLUMNS = [
 ]  # fmt: skip
 SECTIONS = ("tests", "train", "fig3", "shd_layer", "shd_step")
 MODES = ("feedforward", "recurrent")
-TEST_FILES = ["tests/test_kernels.py", "tests/test_functional.py", "tests/test_chunked.py"]
+TEST_FILES = [
+    "tests/test_kernels.py",
+    "tests/test_functional.py",
+    "tests/test_chunked.py",
+    "tests/test_sparse.py",
+]
 TINY_RUN = ["dataset.n_train=256", "dataset.n_test=128", "dataset.batch_size=64", "n_hidden=16"]
 
 

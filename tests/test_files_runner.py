@@ -157,6 +157,7 @@ def variant(section: str | None, **changes) -> dict:
 def test_checkpoint_config_mismatches():
     mismatch = runner.first_mismatch
     assert mismatch(CONFIG, variant("dataset", data_dir="/b", batch_size=7), False)[0] is None
+    assert mismatch(CONFIG, variant("dataset", input="dense"), False)[0] is None  # same results
     assert mismatch(CONFIG, variant("model", d=5), True) == ("model.d", 10, 5)
     assert mismatch(CONFIG, variant("dataset", t_len=50), True) == ("dataset.t_len", 100, 50)
     assert mismatch(CONFIG, variant("dataset", val_fraction=0.0), True)[0] is None

@@ -404,6 +404,7 @@ def test_bad_settings_rejected_at_start(tmp_path, override, message):
         ("selection.mode=up", "selection.mode='up' is unknown; choose min or max"),
         ("test_ckpt=first", "test_ckpt='first' is unknown; choose best or last"),
         ("train=false", "train=false needs ckpt_path=PATH"),
+        ("dataset.input=csr", "dataset.input='csr' is unknown; choose one of: auto, dense, sparse"),
     ],
 )
 def test_check_config_names_option_and_allowed_values(tmp_path, override, message):
