@@ -8,7 +8,9 @@ time-major input), dblock's d-block layer for each d, dblock's standard layer, t
 (B, N, T)-indexed standard loop, and the peers that are installed (``pip install -e
 ".[bench]"``). Scopes: whole layer (x -> spikes), neurons only (current -> spikes), and, at the
 SHD point, the whole training step (``experiments/bench_step.py``: the batch build by the SHD
-datamodule, the floor on that batch, then model + loss + Adam for d-block and standard). Also
+datamodule, the floor on that batch, then model + loss + Adam for d-block and standard; with
+dense batches as scope ``step`` and sparse ones, through the event-driven projection, as scope
+``step_sparse``). Also
 the peak memory of one call, and the ATen ops one call issues (``aten_ops``, a proxy for GPU
 launches; ``dblock`` runs the kernel ``auto`` picks for the device, ``dblock_loop`` /
 ``dblock_chunked`` name one, e.g. ``--impls dblock_chunked`` on the CPU counts the ops of the
@@ -40,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dblock.runtime import tune_allocator  # noqa: E402
 from experiments.bench_impls import DBLOCK_KERNELS, PEERS, Unavailable, build  # noqa: E402
-from experiments.bench_step import StepPoint  # noqa: E402
+from experiments.bench_step import INPUTS, StepPoint  # noqa: E402
+from experiments.bench_step import SCOPES as STEP_SCOPES  # noqa: E402
 
 log = logging.getLogger("bench_speed")
 COLUMNS = (
@@ -48,6 +51,7 @@ COLUMNS = (
 ).split(",")
 KEY = COLUMNS[:10]
 D_VALUES = (5, 10, 15, 20, 25, 30)
+STEP_INPUTS = {scope: inp for inp, scope in STEP_SCOPES.items()}  # step scope -> input path
 GRIDS = {  # panel -> (mode, [(t_len, n_hidden)], n_in)
     "full": {
         "a": ("feedforward", [(t, 100) for t in (32, 64, 128, 256, 512, 1024, 2048)], 1000),
@@ -139,14 +143,17 @@ def point_cases(args, mode: str, n_in: int, n: int, t_len: int, panel: str) -> l
     for scope in args.scopes:
         if scope == "step":
             if panel == "shd":
-                cases += [("data", "step", None), ("floor", "step", None)]
-                cases += [(impl, "step", d) for impl in DBLOCK_KERNELS for d in d_values]
-                cases += [("standard", "step", None)]
+                for inp in args.inputs:
+                    step = STEP_SCOPES[inp]
+                    proj = "floor" if inp == "dense" else "projection"
+                    cases += [("data", step, None), (proj, step, None)]
+                    cases += [(impl, step, d) for impl in DBLOCK_KERNELS for d in d_values]
+                    cases += [("standard", step, None)]
             continue
         cases += [(impl, scope, d) for impl in DBLOCK_KERNELS for d in d_values]
         cases += [(impl, scope, None) for impl in ("standard", "paper_style") if impl in args.impls]
         cases += [(p, scope, None) for p in PEERS if p in args.impls]
-    return [c for c in cases if c[0] in ("floor", "data") or c[0] in args.impls]
+    return [c for c in cases if c[0] in ("floor", "data", "projection") or c[0] in args.impls]
 
 
 def make_runner(args, case: tuple, point: tuple, inputs: dict) -> Callable[[], None]:
@@ -155,12 +162,12 @@ def make_runner(args, case: tuple, point: tuple, inputs: dict) -> Callable[[], N
     impl, scope, d = case
     panel, mode, n_in, n, t_len = point
     device = args.device
-    if scope == "step":
+    if scope in STEP_INPUTS:
         if "step" not in inputs:
             inputs["step"] = StepPoint(
                 args.data_dir, mode, n_in, n, t_len, args.batch, args.rounds + args.warmup, device
             )
-        return inputs["step"].runner(impl, d)
+        return inputs["step"].runner(impl, d, STEP_INPUTS[scope])
     if "x" not in inputs:
         x = poisson_input(args.batch, n_in, t_len, device)
         with torch.no_grad():  # a realistic current for the neurons-only scope
@@ -275,6 +282,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="layer: projection + neurons; neurons: current -> spikes; step: a whole training\n"
         "step (model, loss, Adam) on batches from the SHD datamodule (shd panel only)",
     )
+    p.add_argument(
+        "--inputs",
+        default=",".join(INPUTS),
+        help="batch formats of the step scope: dense (rows with scope step) and sparse\n"
+        "(scope step_sparse)",
+    )
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds (median)")
     p.add_argument("--warmup", type=int, default=1)
@@ -304,6 +317,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ints = lambda s: [int(v) for v in s.split(",") if v]  # noqa: E731
     args.panels, args.modes = args.panels.split(","), args.modes.split(",")
     args.impls, args.scopes = args.impls.split(","), args.scopes.split(",")
+    args.inputs = args.inputs.split(",")
+    if not set(args.inputs) <= set(INPUTS):
+        p.error(f"--inputs takes {', '.join(INPUTS)}, got {','.join(args.inputs)}")
     args.t, args.d = ints(args.t), ints(args.d)
     if args.quick:
         args.batch, args.d, args.rounds, args.warmup = 4, [2, 4], 2, 1

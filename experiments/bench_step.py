@@ -2,11 +2,16 @@
 
 At one point (n_in inputs, n hidden neurons, T steps, a batch size) it writes SHD-like files as
 ``experiments/bench_data.py`` does (T steps over 1 s, so the SHD point is T 500 at 2 ms), reads
-them through ``SHDDataModule`` and times, in each round, on one fresh batch:
+them through ``SHDDataModule`` and times, in each round, on one fresh batch per input path
+(``dense``: scope ``step``; ``sparse``: scope ``step_sparse``; both paths get the same samples):
 
 - ``data``: the batch build, ``SHDDataModule.on_after_batch_transfer`` on a batch of sample
-  indices, exactly as Lightning hands it over;
-- ``floor``: ``nn.Linear(n_in, n)`` forward + backward on that (contiguous, time-major) batch;
+  indices, exactly as Lightning hands it over (``dataset.input=dense``: the (T, B, n_in) tensor;
+  ``sparse``: the coalesced sparse COO tensor);
+- ``floor`` (dense only): ``nn.Linear(n_in, n)`` forward + backward on the dense (contiguous,
+  time-major) batch, the reference both paths are reported against;
+- ``projection`` (sparse only): the same projection forward + backward on the sparse batch
+  (``dblock.functional.event_linear``; its backward sorts the events by unit);
 - ``dblock`` (per d; ``dblock_loop`` / ``dblock_chunked`` name the kernel) and ``standard``: one
   hidden layer of n neurons and the readout (``SNNClassifier``), cross-entropy, backward and an
   Adam step.
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -24,11 +30,14 @@ from torch.nn import functional as F
 
 from datamodules.tonic_datasets import SHDDataModule
 from dblock.models import SNNClassifier
+from dblock.nn import Projection
 from experiments.bench_data import generate_shd_like
 from experiments.bench_impls import DBLOCK_KERNELS
 
 N_CLASSES = 20
 SHD_EVENTS = 5000.0  # mean events per sample at the SHD size (700 inputs, T 500)
+INPUTS = ("dense", "sparse")  # the batch formats (dataset.input), in the order they are timed
+SCOPES = {"dense": "step", "sparse": "step_sparse"}  # the benchmark's scope of each
 
 
 class StepPoint:
@@ -65,27 +74,36 @@ class StepPoint:
             download=False,
         )
         self.dm.setup()
-        self._indices = (b for _ in itertools.count() for b in self.dm.train_dataloader())
-        self.batch: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.next_batch()
+        # one stream of sample indices per input path: the same batches in the same order
+        self._indices = {inp: self._stream() for inp in INPUTS}
+        self.batches: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
+        for inp in INPUTS:
+            self.next_batch(inp)
 
-    def next_batch(self) -> None:
-        """Build the next batch as Lightning does: indices to the device, then the hook."""
-        raw = next(self._indices)
+    def _stream(self):
+        return (b for _ in itertools.count() for b in self.dm.train_dataloader())
+
+    def next_batch(self, inp: str) -> None:
+        """Build the next ``inp`` batch as Lightning does: indices to the device, then the hook."""
+        raw = next(self._indices[inp])
         raw["idx"] = raw["idx"].to(self.device)
-        self.batch = None  # the previous batch is released first, as in a training loop
-        self.batch = self.dm.on_after_batch_transfer(raw, 0)
+        self.batches[inp] = None  # the previous batch is released first, as in a training loop
+        self.dm.input = inp
+        self.batches[inp] = self.dm.on_after_batch_transfer(raw, 0)
 
-    def runner(self, impl: str, d: int | None) -> Callable[[], None]:
-        """A zero-argument callable doing one timed unit of ``impl`` on the current batch."""
+    def runner(self, impl: str, d: int | None, inp: str = "dense") -> Callable[[], None]:
+        """A zero-argument callable doing one timed unit of ``impl`` on the current ``inp``
+        batch."""
         if impl == "data":
-            return self.next_batch
-        if impl == "floor":
-            linear = nn.Linear(self.n_in, self.n).to(self.device)
+            return partial(self.next_batch, inp)
+        if impl in ("floor", "projection"):
+            # the sparse batch goes through Projection (an nn.Linear that takes sparse input)
+            layer = Projection if inp == "sparse" else nn.Linear
+            linear = layer(self.n_in, self.n).to(self.device)
 
             def floor() -> None:
-                x = self.batch[0]
-                assert x.is_contiguous()
+                x = self.batches[inp][0]
+                assert x.is_coalesced() if x.is_sparse else x.is_contiguous()
                 linear.weight.grad = linear.bias.grad = None
                 linear(x).sum().backward()
 
@@ -104,7 +122,7 @@ class StepPoint:
         optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
 
         def step() -> None:
-            x, y = self.batch
+            x, y = self.batches[inp]
             loss = F.cross_entropy(net(x).logits, y)
             optimizer.zero_grad()
             loss.backward()

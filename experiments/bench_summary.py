@@ -8,8 +8,10 @@ d-block time), each other implementation's whole-layer time over the d-block's, 
 the ATen ops per fwd+bwd of the d-block layer and the standard one (CSVs that have them). When
 the CSV holds both d-block kernels (``--impls dblock_loop,dblock_chunked``), a table compares
 them: chunked time / loop time, layer and neurons only, and their op counts. Where the CSV has
-the whole-step scope, a table of each training step over the floor on the same batch, d-block
-step / standard step as a speedup, and the batch build as a share of the d-block step.
+the whole-step scope, a table of each training step over the floor (dense ``nn.Linear`` on the
+dense batch), for each input path (dense batches; sparse batches through the event-driven
+projection), d-block step / standard step as a speedup, and the batch build as a share of the
+d-block step.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import csv
 from collections import defaultdict
 
+SCOPES_LAYER = ("layer", "neurons")
 OTHERS = ("paper_style", "snntorch", "norse", "norse_compiled", "spikingjelly")
 
 
@@ -53,7 +56,9 @@ def table(points: dict) -> str:
         floor = cases.get(("floor", "layer", ""), (None, None))[0]
         std = cases.get(("standard", "layer", ""))
         std_n = cases.get(("standard", "neurons", ""))
-        ds = sorted({int(d) for impl, scope, d in cases if impl == "dblock" and scope != "step"})
+        ds = sorted(
+            {int(d) for impl, scope, d in cases if impl == "dblock" and scope in SCOPES_LAYER}
+        )
         for d in ds:
             lay = cases.get(("dblock", "layer", str(d)))
             neu = cases.get(("dblock", "neurons", str(d)))
@@ -73,28 +78,36 @@ def table(points: dict) -> str:
     return "\n".join(lines)
 
 
+STEP_SCOPES = {"step": "dense", "step_sparse": "sparse"}  # the whole-step scopes: input path
+
+
 def step_table(points: dict) -> str:
-    """One row per point and d that has whole-step rows; empty if none."""
+    """One row per point, input path (dense: scope ``step``; sparse: ``step_sparse``) and d that
+    has whole-step rows; empty if none. Both paths are reported against the dense floor."""
     head = (
-        "| mode | T | n | d | floor ms | dblock step ms | dblock step/floor | "
-        "standard step/floor | speedup step (std/dblock) | data ms | data/dblock step |"
+        "| mode | input | T | n | d | floor ms | projection ms | dblock step ms | "
+        "dblock step/floor | standard step/floor | speedup step (std/dblock) | data ms | "
+        "data/dblock step |"
     )
     lines = []
     for key in sorted(points):
         cases = points[key]
         floor = cases.get(("floor", "step", ""), (None,))[0]
-        std = cases.get(("standard", "step", ""), (None,))[0]
-        data = cases.get(("data", "step", ""), (None,))[0]
-        ds = sorted({int(d) for impl, scope, d in cases if impl == "dblock" and scope == "step"})
-        for d in ds:
-            db = cases[("dblock", "step", str(d))][0]
-            lines.append(
-                f"| {key[1]} | {key[2]} | {key[3]} | {d} | {_fmt(floor, 0)} | {_fmt(db, 0)} | "
-                f"{_fmt(db / floor if floor else None)} | "
-                f"{_fmt(std / floor if std and floor else None)} | "
-                f"{_fmt(std / db if std else None)} | {_fmt(data, 1)} | "
-                f"{_fmt(100 * data / db if data else None, 1)} % |"
-            )
+        for scope, inp in STEP_SCOPES.items():
+            proj = floor if inp == "dense" else cases.get(("projection", scope, ""), (None,))[0]
+            std = cases.get(("standard", scope, ""), (None,))[0]
+            data = cases.get(("data", scope, ""), (None,))[0]
+            ds = sorted({int(d) for impl, sc, d in cases if impl == "dblock" and sc == scope})
+            for d in ds:
+                db = cases[("dblock", scope, str(d))][0]
+                lines.append(
+                    f"| {key[1]} | {inp} | {key[2]} | {key[3]} | {d} | {_fmt(floor, 0)} | "
+                    f"{_fmt(proj, 1)} | {_fmt(db, 0)} | "
+                    f"{_fmt(db / floor if floor else None)} | "
+                    f"{_fmt(std / floor if std and floor else None)} | "
+                    f"{_fmt(std / db if std else None)} | {_fmt(data, 1)} | "
+                    f"{_fmt(100 * data / db if data else None, 1)} % |"
+                )
     if not lines:
         return ""
     return "\n".join([head, "|" + "---|" * (head.count("|") - 1), *lines])

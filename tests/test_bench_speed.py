@@ -39,8 +39,11 @@ def test_bench_speed_quick_writes_and_resumes(tmp_path, capsys):
         assert ("floor", "layer", mode) in impls
         for impl in ("data", "floor", "dblock", "standard"):  # the whole step, SHD panel only
             assert (impl, "step", mode) in impls
-    assert {r["panel"] for r in rows if r["scope"] == "step"} == {"shd"}
-    assert {r["d"] for r in rows if r["scope"] == "step" and r["impl"] == "dblock"} == {"2", "4"}
+        for impl in ("data", "projection", "dblock", "standard"):  # the same, sparse batches
+            assert (impl, "step_sparse", mode) in impls
+    steps = [r for r in rows if r["scope"] in ("step", "step_sparse")]
+    assert {r["panel"] for r in steps} == {"shd"}
+    assert {r["d"] for r in steps if r["impl"] == "dblock"} == {"2", "4"}
     assert {r["d"] for r in rows if r["impl"] == "dblock"} == {"2", "4"}
     assert {r["d"] for r in rows if r["impl"] == "dblock_chunked"} == {"2", "4"}
     assert all(r["d"] == "" for r in rows if not r["impl"].startswith("dblock"))
@@ -55,7 +58,7 @@ def test_bench_speed_quick_writes_and_resumes(tmp_path, capsys):
     with out.open() as f:
         assert len(list(csv.DictReader(f))) == n_rows
     steps = bench_summary.step_table(bench_summary.load(str(out))).splitlines()
-    assert len(steps) == 2 + 4  # header, rule, (feedforward, recurrent) x d in (2, 4)
+    assert len(steps) == 2 + 8  # header, rule, (feedforward, recurrent) x (dense, sparse) x d
     assert all(line.count("|") == steps[0].count("|") and " - |" not in line for line in steps)
 
 
