@@ -10,6 +10,7 @@ same counts as a sparse COO tensor.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -24,6 +25,7 @@ def single_threaded(build):
     """Run a CPU batch build on one thread: these memory-bound passes gain little from threads,
     and on a busy machine intra-op threads made them several times slower (measured)."""
 
+    @functools.wraps(build)
     def wrapper(store: EventStore, idx: Tensor, *args):
         if store.offsets.device.type != "cpu" or torch.get_num_threads() == 1:
             return build(store, idx, *args)
@@ -34,7 +36,6 @@ def single_threaded(build):
         finally:
             torch.set_num_threads(threads)
 
-    wrapper.__doc__ = build.__doc__
     return wrapper
 
 
@@ -79,17 +80,21 @@ def sparse_batch(store: EventStore, idx: Tensor, dtype: torch.dtype) -> Tensor:
     t_len, n_in = store.t_len, store.n_in
     idx = idx.to(store.offsets.device, torch.long)
     dev, b = idx.device, idx.shape[0]
-    per_bin = store.bin_counts[idx].long()  # (B, T)
-    per_run = per_bin.t().reshape(-1)  # (T * B,) entries per (t, b), in (t, b) order
-    src = (per_bin.cumsum(1) - per_bin).add_(store.offsets[idx].unsqueeze(1)).t().reshape(-1)
-    ends = per_run.cumsum(0)
+    # positions in int32 where the store allows (half the memory traffic of int64)
+    small = store.n_entries < torch.iinfo(torch.int32).max
+    pdt = torch.int32 if small else torch.long
+    per_bin = store.bin_counts[idx]  # (B, T)
+    per_run = per_bin.t().reshape(-1).to(pdt)  # (T * B,) entries per (t, b), in (t, b) order
+    ends = per_run.cumsum(0, dtype=pdt)  # dst + n per run
     nnz = int(ends[-1]) if ends.numel() else 0
-    shift = src.sub_(ends).add_(per_run)  # src - dst per run
+    src = per_bin.cumsum(1, dtype=pdt).sub_(per_bin).add_(store.offsets[idx].to(pdt)[:, None])
+    shift = src.t().reshape(-1).sub_(ends).add_(per_run)  # src - dst per run
     run = torch.repeat_interleave(per_run, output_size=nnz)  # (nnz,) run t * B + b of each entry
+    t_of, b_of = _run_tables(t_len, b, dev)
     indices = torch.empty(3, nnz, dtype=torch.long, device=dev)
-    torch.index_select(torch.arange(t_len, device=dev).repeat_interleave(b), 0, run, out=indices[0])
-    torch.index_select(torch.arange(b, device=dev).repeat(t_len), 0, run, out=indices[1])
-    pos = shift.index_select(0, run).add_(torch.arange(nnz, device=dev))
+    torch.index_select(t_of, 0, run, out=indices[0])
+    torch.index_select(b_of, 0, run, out=indices[1])
+    pos = shift.index_select(0, run).add_(torch.arange(nnz, dtype=pdt, device=dev))
     indices[2] = store.units.index_select(0, pos)
     if store.single:
         values = torch.ones(nnz, dtype=dtype, device=dev)
@@ -98,6 +103,13 @@ def sparse_batch(store: EventStore, idx: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.sparse_coo_tensor(
         indices, values, (t_len, b, n_in), is_coalesced=True, check_invariants=False
     )
+
+
+@functools.lru_cache(maxsize=8)
+def _run_tables(t_len: int, b: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """t and b of each run ``t * B + b`` (two (T * B,) int64 tables, kept for the last shapes)."""
+    t_of = torch.arange(t_len, device=device).repeat_interleave(b)
+    return t_of, torch.arange(b, device=device).repeat(t_len)
 
 
 def sliced_events(arrays: tuple[Tensor, ...], starts: Tensor, counts: Tensor) -> list[Tensor]:
