@@ -5,11 +5,14 @@ Generates SHD-sized data (8156 training samples by default, several thousand eve
 times, vlen uint16 units), then, in one run on one machine:
 
 - dblock: bulk read + binning + cache write (once), cached reload (later runs), and one epoch of
-  batches built on the device by ``SHDDataModule.on_after_batch_transfer``;
+  batches built on the device by ``SHDDataModule.on_after_batch_transfer``, as dense (T, B, 700)
+  tensors (``dataset.input=dense``, what tonic's frames are) and as sparse COO tensors
+  (``sparse``, what training on the CPU uses by default);
 - tonic: ``tonic.datasets.SHD`` with ``tonic.transforms.ToFrame`` (dt bins up to T) and a torch
   ``DataLoader``, batches moved to the same device;
-- a d-block training epoch of the default SHD model (fwd + bwd + Adam), estimated from a few
-  batches and extrapolated to the epoch's batch count.
+- a d-block training epoch of the default SHD model (fwd + bwd + Adam) on the batches the
+  device uses by default (``dataset.input=auto``), estimated from a few batches and extrapolated
+  to the epoch's batch count.
 
     python experiments/bench_data.py
     python experiments/bench_data.py --samples 64 --mean-events 300   # a smoke run
@@ -84,18 +87,24 @@ def time_dblock(root: Path, args, device: torch.device) -> dict:
     dm.setup()  # from the cache
     cached = time.perf_counter() - t0
     dm.store_on("train", device)  # held on the device for the whole run
-    sync(device)
-    n_batches, total = 0, 0.0
-    t0 = time.perf_counter()
-    for batch in dm.train_dataloader():
-        batch["idx"] = batch["idx"].to(device)
-        x, y = dm.on_after_batch_transfer(batch, 0)
-        total += float(x.sum()) if n_batches == 0 else 0.0
-        n_batches += 1
-    sync(device)
-    epoch = time.perf_counter() - t0
-    return {"cold_load_s": cold, "cached_load_s": cached, "epoch_s": epoch,
-            "batches": n_batches, "first_batch_events": total, "dm": dm}
+    epochs = {}
+    for inp in ("dense", "sparse"):
+        dm.input = inp
+        sync(device)
+        n_batches, total = 0, 0.0
+        t0 = time.perf_counter()
+        for batch in dm.train_dataloader():
+            batch["idx"] = batch["idx"].to(device)
+            x, y = dm.on_after_batch_transfer(batch, 0)
+            if n_batches == 0:
+                total = float(x.sum()) if inp == "dense" else float(x._values().sum())
+            n_batches += 1
+        sync(device)
+        epochs[inp] = time.perf_counter() - t0
+    dm.input = "auto"
+    return {"cold_load_s": cold, "cached_load_s": cached, "epoch_s": epochs["dense"],
+            "sparse_epoch_s": epochs["sparse"], "batches": n_batches,
+            "first_batch_events": total, "dm": dm}
 
 
 def time_tonic(root: Path, args, device: torch.device) -> dict:
@@ -186,32 +195,39 @@ def main(argv: list[str] | None = None) -> dict:
               f"under {root}; device {device}, {torch.get_num_threads()} torch threads")
         ours = time_dblock(root, args, device)
         theirs = time_tonic(root, args, device)
+        sparse = ours["dm"].sparse_on(device)
         model = time_model(ours.pop("dm"), args, device)
 
     model_epoch = model["per_batch_s"] * ours["batches"]
+    used = "sparse_epoch_s" if sparse else "epoch_s"  # the batches dataset.input=auto builds
     res = {
         "samples": args.samples, "events": n_events, "batch": args.batch, "t_len": args.t_len,
         "dt_ms": args.dt_ms, "device": str(device),
-        "dblock_epoch_s": ours["epoch_s"], "dblock_cold_load_s": ours["cold_load_s"],
+        "dblock_epoch_s": ours["epoch_s"], "dblock_sparse_epoch_s": ours["sparse_epoch_s"],
+        "dblock_cold_load_s": ours["cold_load_s"],
         "dblock_cached_load_s": ours["cached_load_s"], "tonic_epoch_s": theirs["epoch_s"],
         "speedup_epoch": theirs["epoch_s"] / ours["epoch_s"],
         "speedup_epoch_incl_cached_load": theirs["epoch_s"]
         / (ours["epoch_s"] + ours["cached_load_s"]),
         "speedup_epoch_incl_cold_load": theirs["epoch_s"] / (ours["epoch_s"] + ours["cold_load_s"]),
+        "speedup_epoch_sparse": theirs["epoch_s"] / ours["sparse_epoch_s"],
+        "model_input": "sparse" if sparse else "dense",
         "model_epoch_s_estimated": model_epoch,
-        "data_fraction_of_dblock_epoch": ours["epoch_s"] / model_epoch,
+        "data_fraction_of_dblock_epoch": ours[used] / model_epoch,
     }
     print(f"dblock: cold load {ours['cold_load_s']:.2f} s (once), cached load "
           f"{ours['cached_load_s']:.2f} s (per run), epoch of {ours['batches']} batches "
-          f"{ours['epoch_s']:.3f} s")
+          f"{ours['epoch_s']:.3f} s dense, {ours['sparse_epoch_s']:.3f} s sparse")
     print(f"tonic : SHD + ToFrame + DataLoader({args.tonic_workers} workers), epoch of "
           f"{theirs['batches']} batches {theirs['epoch_s']:.2f} s")
-    print(f"ratio tonic / dblock per epoch: {res['speedup_epoch']:.1f}x "
+    print(f"ratio tonic / dblock per epoch: {res['speedup_epoch']:.1f}x dense, "
+          f"{res['speedup_epoch_sparse']:.1f}x sparse "
           f"(with dblock's cached load: {res['speedup_epoch_incl_cached_load']:.1f}x, "
           f"with its cold first load: {res['speedup_epoch_incl_cold_load']:.1f}x)")
-    print(f"d-block training epoch (default SHD model, estimated from {args.model_batches} "
-          f"batches x {ours['batches']}): {model_epoch:.2f} s; dblock's data path is "
-          f"{100 * res['data_fraction_of_dblock_epoch']:.2f} % of it")
+    print(f"d-block training epoch (default SHD model, {res['model_input']} batches, estimated "
+          f"from {args.model_batches} batches x {ours['batches']}): {model_epoch:.2f} s; dblock's "
+          f"data path ({res['model_input']}) is {100 * res['data_fraction_of_dblock_epoch']:.2f} "
+          "% of it")
     if args.json:
         args.json.write_text(json.dumps(res, indent=2) + "\n")
     return res

@@ -591,7 +591,8 @@ def test_bench_data_smoke(tmp_path):
     res = bench.main(["--samples", "24", "--mean-events", "100", "--batch", "8", "--t-len", "50",
                       "--model-batches", "1", "--device", "cpu", "--dir", str(tmp_path)])
     assert res["samples"] == 24 and res["events"] > 0
-    assert res["speedup_epoch"] > 0 and res["data_fraction_of_dblock_epoch"] > 0
+    assert res["speedup_epoch"] > 0 and res["speedup_epoch_sparse"] > 0
+    assert res["data_fraction_of_dblock_epoch"] > 0 and res["model_input"] == "sparse"
     assert (tmp_path / "SHD" / "shd_train.h5").is_file()
 
 
