@@ -127,7 +127,7 @@ def gathered_events(arrays: tuple[Tensor, ...], starts: Tensor, counts: Tensor) 
     # position of each gathered entry in the flat arrays
     shift = torch.repeat_interleave(starts - (counts.cumsum(0) - counts), counts, output_size=total)
     pos = torch.arange(total, device=starts.device).add_(shift)
-    return [a[pos] for a in arrays]
+    return [a.index_select(0, pos) for a in arrays]
 
 
 @dataclass(eq=False)

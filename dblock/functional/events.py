@@ -105,11 +105,11 @@ class _EventLinear(torch.autograd.Function):
             per_unit = torch.zeros(n_in + 1, dtype=torch.long, device=units.device)
             torch.cumsum(torch.bincount(units, minlength=n_in), 0, out=per_unit[1:])
             grad_weight = F.embedding_bag(
-                rows[order],
+                rows.index_select(0, order),  # (index_select: several times faster than [])
                 grad_out,
                 per_unit,
                 mode="sum",
-                per_sample_weights=values[order],
+                per_sample_weights=values.index_select(0, order),
                 include_last_offset=True,
             ).t()  # (n_out, n_in)
         if ctx.has_bias and ctx.needs_input_grad[5]:
