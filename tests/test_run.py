@@ -30,13 +30,16 @@ def run(args, tmp_path, check=True, env=None, timeout=900):
     """``python run.py ARGS`` in ``tmp_path``: data under ``tmp_path/data``, wandb offline, the
     project importable by worker processes (submitit); ``env`` adds or replaces variables."""
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    base = dict(
-        os.environ,
-        DBLOCK_DATA=str(tmp_path / "data"),
-        WANDB_MODE="offline",
-        WANDB_SILENT="true",
-        PYTHONPATH=path,
-    )
+    base = {
+        # one torch thread unless the caller chose: the runs then neither slow down nor print
+        # run.py's busy-CPU hint when the test machine is loaded (dblock/runtime.py)
+        "OMP_NUM_THREADS": "1",
+        **os.environ,
+        "DBLOCK_DATA": str(tmp_path / "data"),
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "PYTHONPATH": path,
+    }
     proc = subprocess.run(
         [sys.executable, str(ROOT / "run.py"), *args],
         cwd=tmp_path,
