@@ -238,14 +238,10 @@ def train_and_test(cfg: DictConfig, stop: runner.SignalStop) -> dict:
 
 
 def orphan_dirs(datamodule) -> list[Path]:
-    """Where killed writers may have left temp files: the data dir's dataset folders, the
-    cache folders and the run's checkpoint folder."""
-    dirs = [Path(HydraConfig.get().runtime.output_dir), *Path(datamodule.data_dir).glob("*/")]
-    cache = getattr(datamodule, "cache_dir", None)
-    if cache is not None:
-        dirs += list(Path(cache).glob("*/"))
-    dirs += [Path(HydraConfig.get().runtime.output_dir) / "checkpoints"]
-    return dirs
+    """Where killed writers may have left temp files: the data dir's dataset folders and the
+    run's folder and checkpoint folder (the cache cleans its own folder as it loads)."""
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    return [out_dir, out_dir / "checkpoints", *Path(datamodule.data_dir).glob("*/")]
 
 
 def interrupted(cfg: DictConfig, stop: runner.SignalStop, start: float, lock) -> dict:
@@ -465,7 +461,7 @@ def main(cfg: DictConfig) -> float | None:
             file_log.error(message)
             return None
         fail(message, code=3, out_dir=out_dir)
-    if rank_zero_only.rank == 0:
+    if rank0:
         line = runner.one_line(summary, str(out_dir), trained=cfg.train)
         print(line)
         file_log.info(line)

@@ -13,13 +13,13 @@ import logging
 from dataclasses import dataclass, fields
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
 import torch
 from torch import Tensor
 
+from datamodules.batches import BatchBuffers, dense_batch, sparse_batch
 from datamodules.checks import (  # noqa: F401  (DataError: re-exported, imported from here)
     NUMBER,
     REFETCH,
@@ -31,9 +31,6 @@ from datamodules.checks import (  # noqa: F401  (DataError: re-exported, importe
     time_hint,
 )
 from dblock.files import atomic_path
-
-if TYPE_CHECKING:
-    from datamodules.batches import BatchBuffers
 
 log = logging.getLogger(__name__)
 
@@ -119,16 +116,12 @@ class EventStore:
         """Time-major count tensor (T, B, n_in) of samples ``idx`` (B,), contiguous, built on the
         store's device. With ``buffers`` its memory is reused from an earlier batch that nothing
         refers to any more (see ``BatchBuffers``); without, it is a new tensor."""
-        from datamodules.batches import dense_batch
-
         return dense_batch(self, idx, dtype, buffers)
 
     def sparse(self, idx: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
         """The same counts as ``dense`` as a coalesced sparse COO tensor (T, B, n_in), built on
         the store's device with no dense tensor: ``sparse(idx).to_dense()`` equals
         ``dense(idx)``. Its indices are sorted by (t, b, unit), as ``Projection`` reads them."""
-        from datamodules.batches import sparse_batch
-
         return sparse_batch(self, idx, dtype)
 
     def state(self) -> dict:
