@@ -30,8 +30,10 @@ class Unavailable(Exception):
 def paper_style_neurons(
     current: Tensor, beta: Tensor, weight: Tensor | None, bias: Tensor | None, scale: float = 10.0
 ) -> Tensor:
-    """The standard LIF loop indexing time as ``I[:, :, t]`` on a (B, N, T) view, as the paper's
-    baseline does. Benchmark only; the library iterates over time-major slices."""
+    """The standard LIF loop on a time-major current (T, B, N), indexing time as ``I[:, :, t]``
+    on its (B, N, T) view, as the paper's baseline does; spikes (B, N, T). Benchmark only; the
+    library iterates over time-major slices."""
+    current = current.permute(1, 2, 0)  # (B, N, T) view, as the paper indexes it
     out = []
     v = s = None
     for t in range(current.shape[-1]):
@@ -58,8 +60,7 @@ class PaperStyleLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         rec = self.recurrent
         w, b = (rec.weight, rec.bias) if rec is not None else (None, None)
-        current = self.projection(x).permute(1, 2, 0)  # (B, N, T) view, as the paper indexes it
-        return paper_style_neurons(current, self.beta.clamp(0, 1), w, b)
+        return paper_style_neurons(self.projection(x), self.beta.clamp(0, 1), w, b)
 
 
 class TimeMajorPeer(nn.Module):
@@ -199,4 +200,4 @@ class _NeuronsOnly(nn.Module):
             return F.dblock_neurons(current, beta, self.d, self.weight, self.bias, kernel=kernel)
         if self.impl == "standard":
             return F.lif_neurons(current, beta, self.weight, self.bias)
-        return paper_style_neurons(current.permute(1, 2, 0), beta, self.weight, self.bias)
+        return paper_style_neurons(current, beta, self.weight, self.bias)
