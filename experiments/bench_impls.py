@@ -48,6 +48,13 @@ def paper_style_neurons(
     return torch.stack(out, dim=-1)
 
 
+def run_once(fn, arg: Tensor, params: list[Tensor]) -> None:
+    """One forward + backward of ``fn(arg).sum()``, the gradients of ``params`` cleared first."""
+    for p in params:
+        p.grad = None
+    fn(arg).sum().backward()
+
+
 class PaperStyleLayer(nn.Module):
     """Projection + the paper-style loop."""
 

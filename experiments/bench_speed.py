@@ -41,7 +41,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dblock.runtime import tune_allocator  # noqa: E402
-from experiments.bench_impls import DBLOCK_KERNELS, PEERS, Unavailable, build  # noqa: E402
+from experiments.bench_impls import (  # noqa: E402
+    DBLOCK_KERNELS,
+    PEERS,
+    Unavailable,
+    build,
+    run_once,
+)
 from experiments.bench_step import INPUTS, StepPoint  # noqa: E402
 from experiments.bench_step import SCOPES as STEP_SCOPES  # noqa: E402
 
@@ -81,13 +87,6 @@ def poisson_input(batch: int, n_in: int, t_len: int, device: str, seed: int = 0)
     rate = torch.rand(1, batch, 1, generator=g) * 200.0
     x = (torch.rand(t_len, batch, n_in, generator=g) < rate * 1e-3).float()
     return x.to(device)
-
-
-def run_once(fn, arg: torch.Tensor, params: list[torch.Tensor]) -> None:
-    """One forward + backward of ``fn(arg).sum()``."""
-    for p in params:
-        p.grad = None
-    fn(arg).sum().backward()
 
 
 def peak_memory_mb(go: Callable[[], None], device: str) -> float:
