@@ -38,6 +38,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -53,7 +54,7 @@ from dblock.files import atomic_write  # noqa: E402
 from dblock.models import SNNClassifier  # noqa: E402
 from experiments.bench_impls import PEERS, Unavailable, build  # noqa: E402
 from experiments.bench_speed import (  # noqa: E402
-    count_aten_ops,
+    aten_ops_of,
     interleaved_medians,
     poisson_input,
     run_once,
@@ -179,16 +180,19 @@ def run_training(sizes: Sizes, device: str, out: Path) -> list[dict]:
 # --- 3. Fig. 3 -----------------------------------------------------------------------------
 
 
-def _timed(cases: dict, device: str, sizes: Sizes) -> dict:
-    """{key: (median ms, aten ops)} for ``cases`` {key: (fn, arg)}, interleaved rounds."""
-    calls = {}
-    for key, (fn, arg) in cases.items():
-        params = list(fn.parameters())
+def _timed(calls: dict, device: str, sizes: Sizes) -> dict:
+    """{key: (median ms, aten ops)} for ``calls`` {key: zero-argument callable}: warmed up, then
+    timed in interleaved rounds."""
+    for go in calls.values():
         for _ in range(sizes.warmup):
-            run_once(fn, arg, params)
-        calls[key] = (partial(run_once, fn, arg, params), fn, arg, params)
-    medians = interleaved_medians({k: c[0] for k, c in calls.items()}, sizes.rounds, device)
-    return {k: (medians[k] * 1e3, count_aten_ops(*calls[k][1:])) for k in calls}
+            go()
+    medians = interleaved_medians(calls, sizes.rounds, device)
+    return {k: (medians[k] * 1e3, aten_ops_of(go)) for k, go in calls.items()}
+
+
+def fwd_bwd(fn, x) -> Callable[[], None]:
+    """One forward + backward of ``fn(x).sum()``, as a zero-argument callable."""
+    return partial(run_once, fn, x, list(fn.parameters()))
 
 
 def fig3(sizes: Sizes, device: str) -> list[dict]:
@@ -199,10 +203,10 @@ def fig3(sizes: Sizes, device: str) -> list[dict]:
             log.info("fig3: %s T=%d", mode, t_len)
             x = poisson_input(sizes.batch, sizes.n_in, t_len, device)
             make = partial(build, scope="layer", mode=mode, n_in=sizes.n_in, n=sizes.n)
-            cases = {("floor", None): (make("floor", d=None, device=device), x)}
-            cases[("standard", None)] = (make("standard", d=None, device=device), x)
+            cases = {("floor", None): fwd_bwd(make("floor", d=None, device=device), x)}
+            cases[("standard", None)] = fwd_bwd(make("standard", d=None, device=device), x)
             for d in sizes.d_values:
-                cases[("dblock", d)] = (make("dblock", d=d, device=device), x)
+                cases[("dblock", d)] = fwd_bwd(make("dblock", d=d, device=device), x)
             timed = _timed(cases, device, sizes)
             std_ms, floor_ms = timed[("standard", None)][0], timed[("floor", None)][0]
             for (impl, d), (ms, ops) in timed.items():
@@ -232,7 +236,8 @@ def shd_layer(sizes: Sizes, device: str) -> list[dict]:
     for mode in MODES:
         log.info("shd_layer: %s", mode)
         make = partial(build, scope="layer", mode=mode, n_in=n_in, n=n, device=device)
-        cases = {"floor": (make("floor", d=None), x), "dblock": (make("dblock", d=d), x)}
+        cases = {"floor": fwd_bwd(make("floor", d=None), x)}
+        cases["dblock"] = fwd_bwd(make("dblock", d=d), x)
         for peer in ("snntorch", "norse_compiled"):
             try:
                 fn = make(peer, d=None)
@@ -243,7 +248,7 @@ def shd_layer(sizes: Sizes, device: str) -> list[dict]:
             except Exception as err:  # noqa: BLE001 - a peer that breaks must not stop the check
                 log.warning("shd_layer: skipping %s: %s: %s", peer, type(err).__name__, err)
                 continue
-            cases[peer] = (fn, x)
+            cases[peer] = fwd_bwd(fn, x)
         timed = _timed(cases, device, sizes)
         floor_ms, db_ms = timed["floor"][0], timed["dblock"][0]
         for impl, (ms, ops) in timed.items():
@@ -273,24 +278,19 @@ class ProjectionsOnly(nn.Module):
         return self.readout(self.hidden(x)).sum(0)
 
 
-class StepModule(nn.Module):
-    """One training step (forward, cross-entropy, backward, Adam) as a module-like callable."""
+def step_runner(net: nn.Module, x, labels, autocast: torch.dtype | None) -> Callable[[], None]:
+    """One training step (forward, cross-entropy, backward, Adam) as a zero-argument callable."""
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
 
-    def __init__(self, net: nn.Module, labels, autocast: torch.dtype | None) -> None:
-        super().__init__()
-        self.net, self.labels, self.autocast = net, labels, autocast
-        self.opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-
-    def forward(self, x):
-        self.opt.zero_grad(set_to_none=True)
-        with torch.autocast(
-            x.device.type, self.autocast or torch.float32, self.autocast is not None
-        ):
-            out = self.net(x)
-            loss = TF.cross_entropy(getattr(out, "logits", out), self.labels)
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(x.device.type, autocast or torch.float32, autocast is not None):
+            out = net(x)
+            loss = TF.cross_entropy(getattr(out, "logits", out), labels)
         loss.backward()
-        self.opt.step()
-        return loss.detach().reshape(1).requires_grad_()  # run_once's sum().backward() is a no-op
+        opt.step()
+
+    return step
 
 
 def shd_step(sizes: Sizes, device: str) -> list[dict]:
@@ -306,7 +306,7 @@ def shd_step(sizes: Sizes, device: str) -> list[dict]:
             nets[f"dblock {mode}"] = SNNClassifier(
                 n_in, n, 1, n_classes, "dblock", d, mode == "recurrent", t_len=t_len
             )
-        cases = {k: (StepModule(net.to(device), labels, dtype), x) for k, net in nets.items()}
+        cases = {k: step_runner(net.to(device), x, labels, dtype) for k, net in nets.items()}
         timed = _timed(cases, device, sizes)
         floor_ms = timed["floor"][0]
         for case, (ms, ops) in timed.items():
