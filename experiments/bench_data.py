@@ -21,7 +21,6 @@ times, vlen uint16 units), then, in one run on one machine:
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import shutil
 import sys
@@ -37,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from datamodules.events import write_h5  # noqa: E402
 from datamodules.tonic_datasets import SHDDataModule  # noqa: E402
 from dblock.runtime import tune_allocator  # noqa: E402
+from experiments.bench_impls import endless, train_step  # noqa: E402
 
 N_IN, N_CLASSES = 700, 20
 
@@ -131,23 +131,17 @@ def time_tonic(root: Path, args, device: torch.device) -> dict:
 
 
 def time_model(dm: SHDDataModule, args, device: torch.device) -> dict:
-    from torch.nn import functional as F
-
     from dblock.models import SNNClassifier
 
     net = SNNClassifier(n_in=N_IN, n_hidden=128, n_layers=1, n_classes=N_CLASSES, model="dblock",
                         d=10, t_len=args.t_len).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    batches = (b for _ in itertools.count() for b in dm.train_dataloader())
+    batches = endless(dm)
 
     def step() -> None:
         batch = next(batches)
         batch["idx"] = batch["idx"].to(device)
-        x, y = dm.on_after_batch_transfer(batch, 0)
-        loss = F.cross_entropy(net(x).logits, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        train_step(net, opt, *dm.on_after_batch_transfer(batch, 0))
 
     step()  # warm-up
     sync(device)

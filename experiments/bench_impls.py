@@ -1,4 +1,5 @@
-"""The implementations the speed benchmark times: dblock's layers, the paper-style loop, peers.
+"""The implementations the speed benchmark times: dblock's layers, the paper-style loop, peers;
+and the units of work the benchmark scripts share (one fwd+bwd, one training step).
 
 Each builder returns a callable that runs one forward pass and returns a tensor whose ``sum()``
 is backpropagated, or raises ``Unavailable`` with the reason (a peer library not installed).
@@ -9,11 +10,14 @@ Neurons scope: input current ``I`` (T, B, N), already projected, -> spikes. The 
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor, nn
+from torch.nn.functional import cross_entropy
 
 from dblock import functional as F
 from dblock.nn.layers import HIDDEN_BETA, DBlockLayer, LIFLayer, Projection
@@ -53,6 +57,25 @@ def run_once(fn, arg: Tensor, params: list[Tensor]) -> None:
     for p in params:
         p.grad = None
     fn(arg).sum().backward()
+
+
+def train_step(
+    net: nn.Module, optimizer, x: Tensor, y: Tensor, autocast: torch.dtype | None = None
+) -> None:
+    """One training step: cross-entropy of ``net(x)``'s logits (its ``logits``, or the output
+    itself) against ``y``, backward, ``optimizer`` step; the forward and the loss under
+    ``torch.autocast`` to ``autocast`` when given."""
+    optimizer.zero_grad()
+    with torch.autocast(x.device.type, autocast) if autocast is not None else nullcontext():
+        out = net(x)
+        loss = cross_entropy(getattr(out, "logits", out), y)
+    loss.backward()
+    optimizer.step()
+
+
+def endless(dm) -> Iterator[dict]:
+    """The datamodule's training batches, as its loader yields them, epoch after epoch."""
+    return (b for _ in itertools.count() for b in dm.train_dataloader())
 
 
 class PaperStyleLayer(nn.Module):

@@ -19,20 +19,18 @@ them through ``SHDDataModule`` and times, in each round, on one fresh batch per 
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from datamodules.tonic_datasets import SHDDataModule
 from dblock.models import SNNClassifier
 from dblock.nn import Projection
 from experiments.bench_data import generate_shd_like
-from experiments.bench_impls import DBLOCK_KERNELS, run_once
+from experiments.bench_impls import DBLOCK_KERNELS, endless, run_once, train_step
 
 N_CLASSES = 20
 SHD_EVENTS = 5000.0  # mean events per sample at the SHD size (700 inputs, T 500)
@@ -75,13 +73,10 @@ class StepPoint:
         )
         self.dm.setup()
         # one stream of sample indices per input path: the same batches in the same order
-        self._indices = {inp: self._stream() for inp in INPUTS}
+        self._indices = {inp: endless(self.dm) for inp in INPUTS}
         self.batches: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
         for inp in INPUTS:
             self.next_batch(inp)
-
-    def _stream(self):
-        return (b for _ in itertools.count() for b in self.dm.train_dataloader())
 
     def next_batch(self, inp: str) -> None:
         """Build the next ``inp`` batch as Lightning does: indices to the device, then the hook."""
@@ -122,10 +117,6 @@ class StepPoint:
         optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
 
         def step() -> None:
-            x, y = self.batches[inp]
-            loss = F.cross_entropy(net(x).logits, y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+            train_step(net, optimizer, *self.batches[inp])
 
         return step

@@ -45,14 +45,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn import functional as TF
+from torch.optim import Adam
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dblock.files import atomic_write  # noqa: E402
 from dblock.models import SNNClassifier  # noqa: E402
-from experiments.bench_impls import PEERS, Unavailable, build  # noqa: E402
+from experiments.bench_impls import PEERS, Unavailable, build, train_step  # noqa: E402
 from experiments.bench_speed import (  # noqa: E402
     aten_ops_of,
     interleaved_medians,
@@ -278,21 +278,6 @@ class ProjectionsOnly(nn.Module):
         return self.readout(self.hidden(x)).sum(0)
 
 
-def step_runner(net: nn.Module, x, labels, autocast: torch.dtype | None) -> Callable[[], None]:
-    """One training step (forward, cross-entropy, backward, Adam) as a zero-argument callable."""
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(x.device.type, autocast or torch.float32, autocast is not None):
-            out = net(x)
-            loss = TF.cross_entropy(getattr(out, "logits", out), labels)
-        loss.backward()
-        opt.step()
-
-    return step
-
-
 def shd_step(sizes: Sizes, device: str) -> list[dict]:
     batch, n_in, n, t_len, d, n_classes = sizes.shd
     x = poisson_input(batch, n_in, t_len, device)
@@ -301,12 +286,15 @@ def shd_step(sizes: Sizes, device: str) -> list[dict]:
     rows = []
     for precision, dtype in (("float32", None), ("bf16 autocast", torch.bfloat16)):
         log.info("shd_step: %s", precision)
-        nets = {"floor": ProjectionsOnly(n_in, n, n_classes)}
+        nets = {"floor": ProjectionsOnly(n_in, n, n_classes).to(device)}
         for mode in MODES:
             nets[f"dblock {mode}"] = SNNClassifier(
                 n_in, n, 1, n_classes, "dblock", d, mode == "recurrent", t_len=t_len
-            )
-        cases = {k: step_runner(net.to(device), x, labels, dtype) for k, net in nets.items()}
+            ).to(device)
+        cases = {  # one training step each (forward, cross-entropy, backward, Adam)
+            k: partial(train_step, net, Adam(net.parameters(), lr=1e-3), x, labels, dtype)
+            for k, net in nets.items()
+        }
         timed = _timed(cases, device, sizes)
         floor_ms = timed["floor"][0]
         for case, (ms, ops) in timed.items():
