@@ -155,18 +155,18 @@ def point_cases(args, mode: str, n_in: int, n: int, t_len: int, panel: str) -> l
     return [c for c in cases if c[0] in ("floor", "data", "projection") or c[0] in args.impls]
 
 
-def make_runner(args, case: tuple, point: tuple, inputs: dict) -> Callable[[], None]:
+def make_runner(args, case: tuple, point: tuple, inputs: dict, steps: dict) -> Callable[[], None]:
     """A zero-argument callable timing one unit of ``case`` (impl, scope, d) at ``point``
-    (panel, mode, n_in, n, t_len). ``inputs`` caches what the point's cases share."""
+    (panel, mode, n_in, n, t_len). ``inputs`` caches what the point's cases share, ``steps`` the
+    step scope's data, {(n_in, t_len): StepPoint}, shared by the points of that shape."""
     impl, scope, d = case
     panel, mode, n_in, n, t_len = point
     device = args.device
     if scope in STEP_INPUTS:
-        if "step" not in inputs:
-            inputs["step"] = StepPoint(
-                args.data_dir, mode, n_in, n, t_len, args.batch, args.rounds + args.warmup, device
-            )
-        return inputs["step"].runner(impl, d, STEP_INPUTS[scope])
+        if (n_in, t_len) not in steps:
+            rounds = args.rounds + args.warmup
+            steps[n_in, t_len] = StepPoint(args.data_dir, n_in, t_len, args.batch, rounds, device)
+        return steps[n_in, t_len].runner(impl, mode, n, d, STEP_INPUTS[scope])
     if "x" not in inputs:
         x = poisson_input(args.batch, n_in, t_len, device)
         with torch.no_grad():  # a realistic current for the neurons-only scope
@@ -178,8 +178,11 @@ def make_runner(args, case: tuple, point: tuple, inputs: dict) -> Callable[[], N
     return partial(run_once, fn, arg, params)
 
 
-def measure_point(args, panel: str, mode: str, n_in: int, n: int, t_len: int, done: set) -> list:
-    """Time every case at one point, interleaved over rounds; returns CSV rows."""
+def measure_point(
+    args, panel: str, mode: str, n_in: int, n: int, t_len: int, done: set, steps: dict
+) -> list:
+    """Time every case at one point, interleaved over rounds; returns CSV rows. ``steps``: see
+    ``make_runner``."""
     device = args.device
     base = [panel, mode]
     key_tail = [t_len, n, n_in, args.batch, device]
@@ -194,7 +197,7 @@ def measure_point(args, panel: str, mode: str, n_in: int, n: int, t_len: int, do
     for case in todo:
         impl, scope, _ = case
         try:
-            go = make_runner(args, case, (panel, mode, n_in, n, t_len), inputs)
+            go = make_runner(args, case, (panel, mode, n_in, n, t_len), inputs, steps)
             for _ in range(args.warmup):
                 go()
         except Unavailable as err:
@@ -365,6 +368,7 @@ def _run(args) -> Path:
     from tqdm import tqdm
 
     new_file = not out.exists()
+    steps = {}  # the step scope's data, read once per shape
     with out.open("a", newline="") as f:
         writer = csv.writer(f)
         if new_file:
@@ -372,7 +376,7 @@ def _run(args) -> Path:
         for point in tqdm(
             points, desc="bench", disable=not sys.stderr.isatty() and "CI" in os.environ
         ):
-            rows = measure_point(args, *point, done)
+            rows = measure_point(args, *point, done, steps)
             writer.writerows(rows)
             f.flush()
     return out
