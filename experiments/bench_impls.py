@@ -11,6 +11,7 @@ Neurons scope: input current ``I`` (T, B, N), already projected, -> spikes. The 
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -22,6 +23,7 @@ from torch.nn.functional import cross_entropy
 from dblock import functional as F
 from dblock.nn.layers import HIDDEN_BETA, DBlockLayer, LIFLayer, Projection
 
+log = logging.getLogger(__name__)
 PEERS = ("snntorch", "norse", "norse_compiled", "spikingjelly")
 # dblock's d-block layer with the kernel ``auto`` picks for the device, or a named kernel
 DBLOCK_KERNELS = {"dblock": "auto", "dblock_loop": "loop", "dblock_chunked": "chunked"}
@@ -29,6 +31,25 @@ DBLOCK_KERNELS = {"dblock": "auto", "dblock_loop": "loop", "dblock_chunked": "ch
 
 class Unavailable(Exception):
     """An implementation that cannot run here (library missing, no fused backend, ...)."""
+
+
+def warmed_up(
+    make: Callable[[], Callable[[], None]], warmup: int, what: str
+) -> Callable[[], None] | None:
+    """The zero-argument callable ``make()`` returns, called ``warmup`` times; None, with a
+    warning naming ``what``, if building or calling it fails (``Unavailable``, or any error: a
+    peer that breaks must not stop the run)."""
+    try:
+        go = make()
+        for _ in range(warmup):
+            go()
+    except Unavailable as err:
+        log.warning("skipping %s: %s", what, err)
+        return None
+    except Exception as err:  # noqa: BLE001
+        log.warning("skipping %s: %s: %s", what, type(err).__name__, err)
+        return None
+    return go
 
 
 def paper_style_neurons(

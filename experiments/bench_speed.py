@@ -44,9 +44,9 @@ from dblock.runtime import tune_allocator  # noqa: E402
 from experiments.bench_impls import (  # noqa: E402
     DBLOCK_KERNELS,
     PEERS,
-    Unavailable,
     build,
     run_once,
+    warmed_up,
 )
 from experiments.bench_step import INPUTS, StepPoint  # noqa: E402
 from experiments.bench_step import SCOPES as STEP_SCOPES  # noqa: E402
@@ -193,23 +193,16 @@ def measure_point(
     ]
     if not todo:
         return []
-    runners, inputs = [], {}
+    runners, inputs = {}, {}
     for case in todo:
         impl, scope, _ = case
-        try:
-            go = make_runner(args, case, (panel, mode, n_in, n, t_len), inputs, steps)
-            for _ in range(args.warmup):
-                go()
-        except Unavailable as err:
-            log.warning("skipping %s: %s", impl, err)
-            continue
-        except Exception as err:  # noqa: BLE001 - a peer that breaks must not stop the run
-            log.warning("skipping %s (%s, %s): %s: %s", impl, scope, mode, type(err).__name__, err)
-            continue
-        runners.append((case, go))
-    times = interleaved_medians(dict(runners), args.rounds, device, args.clock)
+        make = partial(make_runner, args, case, (panel, mode, n_in, n, t_len), inputs, steps)
+        go = warmed_up(make, args.warmup, f"{impl} ({scope}, {mode})")
+        if go is not None:
+            runners[case] = go
+    times = interleaved_medians(runners, args.rounds, device, args.clock)
     rows = []
-    for case, go in runners:
+    for case, go in runners.items():
         impl, scope, d = case
         mem = peak_memory_mb(go, device) if args.memory else float("nan")
         # the profiler's event list for the paper-style loop grows as T^2 (about 3 GB at T 200):

@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 
 from dblock.files import atomic_write  # noqa: E402
 from dblock.models import SNNClassifier  # noqa: E402
-from experiments.bench_impls import PEERS, Unavailable, build, train_step  # noqa: E402
+from experiments.bench_impls import PEERS, build, train_step, warmed_up  # noqa: E402
 from experiments.bench_speed import (  # noqa: E402
     aten_ops_of,
     interleaved_medians,
@@ -190,8 +190,10 @@ def _timed(calls: dict, device: str, sizes: Sizes) -> dict:
     return {k: (medians[k] * 1e3, aten_ops_of(go)) for k, go in calls.items()}
 
 
-def fwd_bwd(fn, x) -> Callable[[], None]:
-    """One forward + backward of ``fn(x).sum()``, as a zero-argument callable."""
+def layer_runner(impl: str, d: int | None, x, **shape) -> Callable[[], None]:
+    """One forward + backward of the layer ``impl`` (``build``'s layer scope, ``shape`` its mode,
+    n_in, n and device) on ``x``, as a zero-argument callable."""
+    fn = build(impl, "layer", d=d, **shape)
     return partial(run_once, fn, x, list(fn.parameters()))
 
 
@@ -202,11 +204,10 @@ def fig3(sizes: Sizes, device: str) -> list[dict]:
         for t_len in sizes.t_values:
             log.info("fig3: %s T=%d", mode, t_len)
             x = poisson_input(sizes.batch, sizes.n_in, t_len, device)
-            make = partial(build, scope="layer", mode=mode, n_in=sizes.n_in, n=sizes.n)
-            cases = {("floor", None): fwd_bwd(make("floor", d=None, device=device), x)}
-            cases[("standard", None)] = fwd_bwd(make("standard", d=None, device=device), x)
+            make = partial(layer_runner, x=x, mode=mode, n_in=sizes.n_in, n=sizes.n, device=device)
+            cases = {(impl, None): make(impl, None) for impl in ("floor", "standard")}
             for d in sizes.d_values:
-                cases[("dblock", d)] = fwd_bwd(make("dblock", d=d, device=device), x)
+                cases[("dblock", d)] = make("dblock", d)
             timed = _timed(cases, device, sizes)
             std_ms, floor_ms = timed[("standard", None)][0], timed[("floor", None)][0]
             for (impl, d), (ms, ops) in timed.items():
@@ -235,20 +236,12 @@ def shd_layer(sizes: Sizes, device: str) -> list[dict]:
     x = poisson_input(batch, n_in, t_len, device)
     for mode in MODES:
         log.info("shd_layer: %s", mode)
-        make = partial(build, scope="layer", mode=mode, n_in=n_in, n=n, device=device)
-        cases = {"floor": fwd_bwd(make("floor", d=None), x)}
-        cases["dblock"] = fwd_bwd(make("dblock", d=d), x)
+        make = partial(layer_runner, x=x, mode=mode, n_in=n_in, n=n, device=device)
+        cases = {"floor": make("floor", None), "dblock": make("dblock", d)}
         for peer in ("snntorch", "norse_compiled"):
-            try:
-                fn = make(peer, d=None)
-                run_once(fn, x, list(fn.parameters()))
-            except Unavailable as err:
-                log.warning("shd_layer: skipping %s (%s)", peer, err)
-                continue
-            except Exception as err:  # noqa: BLE001 - a peer that breaks must not stop the check
-                log.warning("shd_layer: skipping %s: %s: %s", peer, type(err).__name__, err)
-                continue
-            cases[peer] = fwd_bwd(fn, x)
+            go = warmed_up(partial(make, peer, None), 1, f"shd_layer {peer} ({mode})")
+            if go is not None:
+                cases[peer] = go
         timed = _timed(cases, device, sizes)
         floor_ms, db_ms = timed["floor"][0], timed["dblock"][0]
         for impl, (ms, ops) in timed.items():
