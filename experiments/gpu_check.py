@@ -59,6 +59,7 @@ from experiments.bench_speed import (  # noqa: E402
     poisson_input,
     run_once,
 )
+from experiments.figtools import markdown_table  # noqa: E402
 from experiments.paper_values import FIG3A  # noqa: E402
 
 log = logging.getLogger("gpu_check")
@@ -302,17 +303,15 @@ def shd_step(sizes: Sizes, device: str) -> list[dict]:
 
 
 def markdown(rows: list[dict], header: str) -> str:
-    parts = [header]
+    text = header + "\n"
     for section in SECTIONS:
         sub = [r for r in rows if r["section"] == section]
         if not sub:
             continue
         cols = [c for c in COLUMNS[1:] if any(r.get(c) not in (None, "") for r in sub)]
-        parts.append(f"\n## {section}\n")
-        parts.append("| " + " | ".join(cols) + " |")
-        parts.append("|" + "---|" * len(cols))
-        parts += ["| " + " | ".join(str(r.get(c) or "") for c in cols) + " |" for r in sub]
-    return "\n".join(parts) + "\n"
+        table = markdown_table(cols, [[r.get(c) or "" for c in cols] for r in sub])
+        text += f"\n## {section}\n\n{table}"
+    return text
 
 
 def write(rows: list[dict], out: Path, header: str) -> tuple[Path, Path]:
