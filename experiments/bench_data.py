@@ -39,6 +39,7 @@ from dblock.runtime import tune_allocator  # noqa: E402
 from experiments.bench_impls import endless, train_step  # noqa: E402
 
 N_IN, N_CLASSES = 700, 20
+SHD_EVENTS = 5000.0  # mean events per sample at the SHD size (700 inputs, T 500 at 2 ms)
 
 
 def generate_shd_like(
@@ -155,7 +156,7 @@ def time_model(dm: SHDDataModule, args, device: torch.device) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--samples", type=int, default=8156, help="training samples (SHD: 8156)")
-    p.add_argument("--mean-events", type=float, default=5000.0, help="mean events per sample")
+    p.add_argument("--mean-events", type=float, default=SHD_EVENTS, help="mean events per sample")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--t-len", type=int, default=500)
     p.add_argument("--dt-ms", type=float, default=2.0)

@@ -31,11 +31,9 @@ from torch import nn
 from datamodules.tonic_datasets import SHDDataModule
 from dblock.models import SNNClassifier
 from dblock.nn import Projection
-from experiments.bench_data import generate_shd_like
+from experiments.bench_data import N_CLASSES, SHD_EVENTS, generate_shd_like
 from experiments.bench_impls import DBLOCK_KERNELS, endless, run_once, train_step
 
-N_CLASSES = 20
-SHD_EVENTS = 5000.0  # mean events per sample at the SHD size (700 inputs, T 500)
 INPUTS = ("dense", "sparse")  # the batch formats (dataset.input), in the order they are timed
 SCOPES = {"dense": "step", "sparse": "step_sparse"}  # the benchmark's scope of each
 
@@ -52,8 +50,8 @@ class StepPoint:
         n_samples = batch * (rounds + 3)  # a fresh batch every round, warm-up included
         if not (files / "shd_train.h5").is_file():
             events = max(10.0, SHD_EVENTS * n_in * t_len / (700 * 500))
-            generate_shd_like(files / "shd_test.h5", 1, events, 1, n_in, N_CLASSES)
-            generate_shd_like(files / "shd_train.h5", n_samples, events, 0, n_in, N_CLASSES)
+            generate_shd_like(files / "shd_test.h5", 1, events, 1, n_in)
+            generate_shd_like(files / "shd_train.h5", n_samples, events, 0, n_in)
         self.dm = SHDDataModule(
             folder,
             n_in=n_in,
