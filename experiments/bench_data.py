@@ -35,8 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datamodules.events import write_h5  # noqa: E402
 from datamodules.tonic_datasets import SHDDataModule  # noqa: E402
-from dblock.runtime import tune_allocator  # noqa: E402
-from experiments.bench_impls import endless, train_step  # noqa: E402
+from experiments.bench_impls import endless, parse_with_malloc, train_step  # noqa: E402
 
 N_IN, N_CLASSES = 700, 20
 SHD_EVENTS = 5000.0  # mean events per sample at the SHD size (700 inputs, T 500 at 2 ms)
@@ -166,14 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dir", type=Path, default=None, help="data directory (default: a temp dir)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
-    p.add_argument(
-        "--default-malloc",
-        action="store_true",
-        help="leave glibc's allocator as it is (default: tuned as run.py tunes it)",
-    )
-    args = p.parse_args(argv)
-    if not args.default_malloc:
-        tune_allocator()
+    args = parse_with_malloc(p, argv)
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)

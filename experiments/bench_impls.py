@@ -1,5 +1,6 @@
 """The implementations the speed benchmark times: dblock's layers, the paper-style loop, peers;
-and the units of work the benchmark scripts share (one fwd+bwd, one training step).
+and what the benchmark scripts share: the units of work (one fwd+bwd, one training step), the
+skipping of a runner that cannot run, the allocator option.
 
 Each builder returns a callable that runs one forward pass and returns a tensor whose ``sum()``
 is backpropagated, or raises ``Unavailable`` with the reason (a peer library not installed).
@@ -10,6 +11,7 @@ Neurons scope: input current ``I`` (T, B, N), already projected, -> spikes. The 
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import logging
 import math
@@ -22,6 +24,7 @@ from torch.nn.functional import cross_entropy
 
 from dblock import functional as F
 from dblock.nn.layers import HIDDEN_BETA, DBlockLayer, LIFLayer, Projection
+from dblock.runtime import tune_allocator
 
 log = logging.getLogger(__name__)
 PEERS = ("snntorch", "norse", "norse_compiled", "spikingjelly")
@@ -71,6 +74,20 @@ def paper_style_neurons(
         s = F.fast_sigmoid(v - 1.0, scale)
         out.append(s)
     return torch.stack(out, dim=-1)
+
+
+def parse_with_malloc(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """``parser.parse_args(argv)`` with ``--default-malloc`` added; glibc's allocator is tuned as
+    ``run.py`` tunes it (``dblock/runtime.py``) unless that flag is given."""
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="leave glibc's allocator as it is (default: tuned as run.py tunes it)",
+    )
+    args = parser.parse_args(argv)
+    if not args.default_malloc:
+        tune_allocator()
+    return args
 
 
 def run_once(fn, arg: Tensor, params: list[Tensor]) -> None:

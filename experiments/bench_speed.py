@@ -40,11 +40,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dblock.runtime import tune_allocator  # noqa: E402
 from experiments.bench_impls import (  # noqa: E402
     DBLOCK_KERNELS,
     PEERS,
     build,
+    parse_with_malloc,
     run_once,
     warmed_up,
 )
@@ -302,13 +302,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="where the step scope writes its SHD-like files (default: a temporary directory)",
     )
-    p.add_argument(
-        "--default-malloc",
-        action="store_true",
-        help="leave glibc's allocator as it is (default: tuned as run.py tunes it)",
-    )
     p.add_argument("--out", default="outputs/bench_speed.csv")
-    args = p.parse_args(argv)
+    args = parse_with_malloc(p, argv)
     ints = lambda s: [int(v) for v in s.split(",") if v]  # noqa: E731
     args.panels, args.modes = args.panels.split(","), args.modes.split(",")
     args.impls, args.scopes = args.impls.split(","), args.scopes.split(",")
@@ -328,8 +323,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     args = parse_args(argv)
-    if not args.default_malloc:
-        tune_allocator()
     threads = torch.get_num_threads()
     try:
         if args.threads:
