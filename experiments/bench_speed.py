@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
@@ -327,9 +328,8 @@ def main(argv=None) -> Path:
     try:
         if args.threads:
             torch.set_num_threads(args.threads)
-        if args.data_dir is not None:
-            return _run(args)
-        with tempfile.TemporaryDirectory() as tmp:
+        given = args.data_dir
+        with nullcontext(given) if given is not None else tempfile.TemporaryDirectory() as tmp:
             args.data_dir = Path(tmp)
             return _run(args)
     finally:
