@@ -21,7 +21,6 @@ times, vlen uint16 units), then, in one run on one machine:
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import shutil
 import sys
@@ -36,9 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datamodules.events import write_h5  # noqa: E402
 from datamodules.tonic_datasets import SHDDataModule  # noqa: E402
-from dblock.runtime import tune_allocator  # noqa: E402
+from experiments.bench_impls import endless, parse_with_malloc, train_step  # noqa: E402
 
 N_IN, N_CLASSES = 700, 20
+SHD_EVENTS = 5000.0  # mean events per sample at the SHD size (700 inputs, T 500 at 2 ms)
 
 
 def generate_shd_like(
@@ -131,23 +131,17 @@ def time_tonic(root: Path, args, device: torch.device) -> dict:
 
 
 def time_model(dm: SHDDataModule, args, device: torch.device) -> dict:
-    from torch.nn import functional as F
-
     from dblock.models import SNNClassifier
 
     net = SNNClassifier(n_in=N_IN, n_hidden=128, n_layers=1, n_classes=N_CLASSES, model="dblock",
                         d=10, t_len=args.t_len).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    batches = (b for _ in itertools.count() for b in dm.train_dataloader())
+    batches = endless(dm)
 
     def step() -> None:
         batch = next(batches)
         batch["idx"] = batch["idx"].to(device)
-        x, y = dm.on_after_batch_transfer(batch, 0)
-        loss = F.cross_entropy(net(x).logits, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        train_step(net, opt, *dm.on_after_batch_transfer(batch, 0))
 
     step()  # warm-up
     sync(device)
@@ -161,7 +155,7 @@ def time_model(dm: SHDDataModule, args, device: torch.device) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--samples", type=int, default=8156, help="training samples (SHD: 8156)")
-    p.add_argument("--mean-events", type=float, default=5000.0, help="mean events per sample")
+    p.add_argument("--mean-events", type=float, default=SHD_EVENTS, help="mean events per sample")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--t-len", type=int, default=500)
     p.add_argument("--dt-ms", type=float, default=2.0)
@@ -171,14 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dir", type=Path, default=None, help="data directory (default: a temp dir)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
-    p.add_argument(
-        "--default-malloc",
-        action="store_true",
-        help="leave glibc's allocator as it is (default: tuned as run.py tunes it)",
-    )
-    args = p.parse_args(argv)
-    if not args.default_malloc:
-        tune_allocator()
+    args = parse_with_malloc(p, argv)
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)

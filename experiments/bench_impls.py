@@ -1,4 +1,6 @@
-"""The implementations the speed benchmark times: dblock's layers, the paper-style loop, peers.
+"""The implementations the speed benchmark times: dblock's layers, the paper-style loop, peers;
+and what the benchmark scripts share: the units of work (one fwd+bwd, one training step), the
+skipping of a runner that cannot run, the allocator option.
 
 Each builder returns a callable that runs one forward pass and returns a tensor whose ``sum()``
 is backpropagated, or raises ``Unavailable`` with the reason (a peer library not installed).
@@ -9,15 +11,22 @@ Neurons scope: input current ``I`` (T, B, N), already projected, -> spikes. The 
 
 from __future__ import annotations
 
+import argparse
+import itertools
+import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor, nn
+from torch.nn.functional import cross_entropy
 
 from dblock import functional as F
 from dblock.nn.layers import HIDDEN_BETA, DBlockLayer, LIFLayer, Projection
+from dblock.runtime import tune_allocator
 
+log = logging.getLogger(__name__)
 PEERS = ("snntorch", "norse", "norse_compiled", "spikingjelly")
 # dblock's d-block layer with the kernel ``auto`` picks for the device, or a named kernel
 DBLOCK_KERNELS = {"dblock": "auto", "dblock_loop": "loop", "dblock_chunked": "chunked"}
@@ -27,11 +36,32 @@ class Unavailable(Exception):
     """An implementation that cannot run here (library missing, no fused backend, ...)."""
 
 
+def warmed_up(
+    make: Callable[[], Callable[[], None]], warmup: int, what: str
+) -> Callable[[], None] | None:
+    """The zero-argument callable ``make()`` returns, called ``warmup`` times; None, with a
+    warning naming ``what``, if building or calling it fails (``Unavailable``, or any error: a
+    peer that breaks must not stop the run)."""
+    try:
+        go = make()
+        for _ in range(warmup):
+            go()
+    except Unavailable as err:
+        log.warning("skipping %s: %s", what, err)
+        return None
+    except Exception as err:  # noqa: BLE001
+        log.warning("skipping %s: %s: %s", what, type(err).__name__, err)
+        return None
+    return go
+
+
 def paper_style_neurons(
     current: Tensor, beta: Tensor, weight: Tensor | None, bias: Tensor | None, scale: float = 10.0
 ) -> Tensor:
-    """The standard LIF loop indexing time as ``I[:, :, t]`` on a (B, N, T) view, as the paper's
-    baseline does. Benchmark only; the library iterates over time-major slices."""
+    """The standard LIF loop on a time-major current (T, B, N), indexing time as ``I[:, :, t]``
+    on its (B, N, T) view, as the paper's baseline does; spikes (B, N, T). Benchmark only; the
+    library iterates over time-major slices."""
+    current = current.permute(1, 2, 0)  # (B, N, T) view, as the paper indexes it
     out = []
     v = s = None
     for t in range(current.shape[-1]):
@@ -46,6 +76,46 @@ def paper_style_neurons(
     return torch.stack(out, dim=-1)
 
 
+def parse_with_malloc(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """``parser.parse_args(argv)`` with ``--default-malloc`` added; glibc's allocator is tuned as
+    ``run.py`` tunes it (``dblock/runtime.py``) unless that flag is given."""
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="leave glibc's allocator as it is (default: tuned as run.py tunes it)",
+    )
+    args = parser.parse_args(argv)
+    if not args.default_malloc:
+        tune_allocator()
+    return args
+
+
+def run_once(fn, arg: Tensor, params: list[Tensor]) -> None:
+    """One forward + backward of ``fn(arg).sum()``, the gradients of ``params`` cleared first."""
+    for p in params:
+        p.grad = None
+    fn(arg).sum().backward()
+
+
+def train_step(
+    net: nn.Module, optimizer, x: Tensor, y: Tensor, autocast: torch.dtype | None = None
+) -> None:
+    """One training step: cross-entropy of ``net(x)``'s logits (its ``logits``, or the output
+    itself) against ``y``, backward, ``optimizer`` step; the forward and the loss under
+    ``torch.autocast`` to ``autocast`` when given."""
+    optimizer.zero_grad()
+    with torch.autocast(x.device.type, autocast) if autocast is not None else nullcontext():
+        out = net(x)
+        loss = cross_entropy(getattr(out, "logits", out), y)
+    loss.backward()
+    optimizer.step()
+
+
+def endless(dm) -> Iterator[dict]:
+    """The datamodule's training batches, as its loader yields them, epoch after epoch."""
+    return (b for _ in itertools.count() for b in dm.train_dataloader())
+
+
 class PaperStyleLayer(nn.Module):
     """Projection + the paper-style loop."""
 
@@ -58,8 +128,7 @@ class PaperStyleLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         rec = self.recurrent
         w, b = (rec.weight, rec.bias) if rec is not None else (None, None)
-        current = self.projection(x).permute(1, 2, 0)  # (B, N, T) view, as the paper indexes it
-        return paper_style_neurons(current, self.beta.clamp(0, 1), w, b)
+        return paper_style_neurons(self.projection(x), self.beta.clamp(0, 1), w, b)
 
 
 class TimeMajorPeer(nn.Module):
@@ -199,4 +268,4 @@ class _NeuronsOnly(nn.Module):
             return F.dblock_neurons(current, beta, self.d, self.weight, self.bias, kernel=kernel)
         if self.impl == "standard":
             return F.lif_neurons(current, beta, self.weight, self.bias)
-        return paper_style_neurons(current.permute(1, 2, 0), beta, self.weight, self.bias)
+        return paper_style_neurons(current, beta, self.weight, self.bias)

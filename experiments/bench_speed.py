@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
@@ -40,8 +41,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dblock.runtime import tune_allocator  # noqa: E402
-from experiments.bench_impls import DBLOCK_KERNELS, PEERS, Unavailable, build  # noqa: E402
+from experiments.bench_impls import (  # noqa: E402
+    DBLOCK_KERNELS,
+    PEERS,
+    build,
+    parse_with_malloc,
+    run_once,
+    warmed_up,
+)
 from experiments.bench_step import INPUTS, StepPoint  # noqa: E402
 from experiments.bench_step import SCOPES as STEP_SCOPES  # noqa: E402
 
@@ -81,13 +88,6 @@ def poisson_input(batch: int, n_in: int, t_len: int, device: str, seed: int = 0)
     rate = torch.rand(1, batch, 1, generator=g) * 200.0
     x = (torch.rand(t_len, batch, n_in, generator=g) < rate * 1e-3).float()
     return x.to(device)
-
-
-def run_once(fn, arg: torch.Tensor, params: list[torch.Tensor]) -> None:
-    """One forward + backward of ``fn(arg).sum()``."""
-    for p in params:
-        p.grad = None
-    fn(arg).sum().backward()
 
 
 def peak_memory_mb(go: Callable[[], None], device: str) -> float:
@@ -156,18 +156,18 @@ def point_cases(args, mode: str, n_in: int, n: int, t_len: int, panel: str) -> l
     return [c for c in cases if c[0] in ("floor", "data", "projection") or c[0] in args.impls]
 
 
-def make_runner(args, case: tuple, point: tuple, inputs: dict) -> Callable[[], None]:
+def make_runner(args, case: tuple, point: tuple, inputs: dict, steps: dict) -> Callable[[], None]:
     """A zero-argument callable timing one unit of ``case`` (impl, scope, d) at ``point``
-    (panel, mode, n_in, n, t_len). ``inputs`` caches what the point's cases share."""
+    (panel, mode, n_in, n, t_len). ``inputs`` caches what the point's cases share, ``steps`` the
+    step scope's data, {(n_in, t_len): StepPoint}, shared by the points of that shape."""
     impl, scope, d = case
     panel, mode, n_in, n, t_len = point
     device = args.device
     if scope in STEP_INPUTS:
-        if "step" not in inputs:
-            inputs["step"] = StepPoint(
-                args.data_dir, mode, n_in, n, t_len, args.batch, args.rounds + args.warmup, device
-            )
-        return inputs["step"].runner(impl, d, STEP_INPUTS[scope])
+        if (n_in, t_len) not in steps:
+            rounds = args.rounds + args.warmup
+            steps[n_in, t_len] = StepPoint(args.data_dir, n_in, t_len, args.batch, rounds, device)
+        return steps[n_in, t_len].runner(impl, mode, n, d, STEP_INPUTS[scope])
     if "x" not in inputs:
         x = poisson_input(args.batch, n_in, t_len, device)
         with torch.no_grad():  # a realistic current for the neurons-only scope
@@ -179,8 +179,11 @@ def make_runner(args, case: tuple, point: tuple, inputs: dict) -> Callable[[], N
     return partial(run_once, fn, arg, params)
 
 
-def measure_point(args, panel: str, mode: str, n_in: int, n: int, t_len: int, done: set) -> list:
-    """Time every case at one point, interleaved over rounds; returns CSV rows."""
+def measure_point(
+    args, panel: str, mode: str, n_in: int, n: int, t_len: int, done: set, steps: dict
+) -> list:
+    """Time every case at one point, interleaved over rounds; returns CSV rows. ``steps``: see
+    ``make_runner``."""
     device = args.device
     base = [panel, mode]
     key_tail = [t_len, n, n_in, args.batch, device]
@@ -191,23 +194,16 @@ def measure_point(args, panel: str, mode: str, n_in: int, n: int, t_len: int, do
     ]
     if not todo:
         return []
-    runners, inputs = [], {}
+    runners, inputs = {}, {}
     for case in todo:
         impl, scope, _ = case
-        try:
-            go = make_runner(args, case, (panel, mode, n_in, n, t_len), inputs)
-            for _ in range(args.warmup):
-                go()
-        except Unavailable as err:
-            log.warning("skipping %s: %s", impl, err)
-            continue
-        except Exception as err:  # noqa: BLE001 - a peer that breaks must not stop the run
-            log.warning("skipping %s (%s, %s): %s: %s", impl, scope, mode, type(err).__name__, err)
-            continue
-        runners.append((case, go))
-    times = interleaved_medians(dict(runners), args.rounds, device, args.clock)
+        make = partial(make_runner, args, case, (panel, mode, n_in, n, t_len), inputs, steps)
+        go = warmed_up(make, args.warmup, f"{impl} ({scope}, {mode})")
+        if go is not None:
+            runners[case] = go
+    times = interleaved_medians(runners, args.rounds, device, args.clock)
     rows = []
-    for case, go in runners:
+    for case, go in runners.items():
         impl, scope, d = case
         mem = peak_memory_mb(go, device) if args.memory else float("nan")
         # the profiler's event list for the paper-style loop grows as T^2 (about 3 GB at T 200):
@@ -307,13 +303,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="where the step scope writes its SHD-like files (default: a temporary directory)",
     )
-    p.add_argument(
-        "--default-malloc",
-        action="store_true",
-        help="leave glibc's allocator as it is (default: tuned as run.py tunes it)",
-    )
     p.add_argument("--out", default="outputs/bench_speed.csv")
-    args = p.parse_args(argv)
+    args = parse_with_malloc(p, argv)
     ints = lambda s: [int(v) for v in s.split(",") if v]  # noqa: E731
     args.panels, args.modes = args.panels.split(","), args.modes.split(",")
     args.impls, args.scopes = args.impls.split(","), args.scopes.split(",")
@@ -333,15 +324,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     args = parse_args(argv)
-    if not args.default_malloc:
-        tune_allocator()
     threads = torch.get_num_threads()
     try:
         if args.threads:
             torch.set_num_threads(args.threads)
-        if args.data_dir is not None:
-            return _run(args)
-        with tempfile.TemporaryDirectory() as tmp:
+        given = args.data_dir
+        with nullcontext(given) if given is not None else tempfile.TemporaryDirectory() as tmp:
             args.data_dir = Path(tmp)
             return _run(args)
     finally:
@@ -366,6 +354,7 @@ def _run(args) -> Path:
     from tqdm import tqdm
 
     new_file = not out.exists()
+    steps = {}  # the step scope's data, read once per shape
     with out.open("a", newline="") as f:
         writer = csv.writer(f)
         if new_file:
@@ -373,7 +362,7 @@ def _run(args) -> Path:
         for point in tqdm(
             points, desc="bench", disable=not sys.stderr.isatty() and "CI" in os.environ
         ):
-            rows = measure_point(args, *point, done)
+            rows = measure_point(args, *point, done, steps)
             writer.writerows(rows)
             f.flush()
     return out

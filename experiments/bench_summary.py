@@ -78,7 +78,7 @@ def table(points: dict) -> str:
     return "\n".join(lines)
 
 
-STEP_SCOPES = {"step": "dense", "step_sparse": "sparse"}  # the whole-step scopes: input path
+STEP_INPUTS = {"step": "dense", "step_sparse": "sparse"}  # whole-step scope -> input path
 
 
 def step_table(points: dict) -> str:
@@ -93,7 +93,7 @@ def step_table(points: dict) -> str:
     for key in sorted(points):
         cases = points[key]
         floor = cases.get(("floor", "step", ""), (None,))[0]
-        for scope, inp in STEP_SCOPES.items():
+        for scope, inp in STEP_INPUTS.items():
             proj = floor if inp == "dense" else cases.get(("projection", scope, ""), (None,))[0]
             std = cases.get(("standard", scope, ""), (None,))[0]
             data = cases.get(("data", scope, ""), (None,))[0]

@@ -38,26 +38,28 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn import functional as TF
+from torch.optim import Adam
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dblock.files import atomic_write  # noqa: E402
 from dblock.models import SNNClassifier  # noqa: E402
-from experiments.bench_impls import PEERS, Unavailable, build  # noqa: E402
+from experiments.bench_impls import PEERS, build, train_step, warmed_up  # noqa: E402
 from experiments.bench_speed import (  # noqa: E402
-    count_aten_ops,
+    aten_ops_of,
     interleaved_medians,
     poisson_input,
     run_once,
 )
+from experiments.figtools import markdown_table  # noqa: E402
 from experiments.paper_values import FIG3A  # noqa: E402
 
 log = logging.getLogger("gpu_check")
@@ -179,16 +181,21 @@ def run_training(sizes: Sizes, device: str, out: Path) -> list[dict]:
 # --- 3. Fig. 3 -----------------------------------------------------------------------------
 
 
-def _timed(cases: dict, device: str, sizes: Sizes) -> dict:
-    """{key: (median ms, aten ops)} for ``cases`` {key: (fn, arg)}, interleaved rounds."""
-    calls = {}
-    for key, (fn, arg) in cases.items():
-        params = list(fn.parameters())
+def _timed(calls: dict, device: str, sizes: Sizes) -> dict:
+    """{key: (median ms, aten ops)} for ``calls`` {key: zero-argument callable}: warmed up, then
+    timed in interleaved rounds."""
+    for go in calls.values():
         for _ in range(sizes.warmup):
-            run_once(fn, arg, params)
-        calls[key] = (partial(run_once, fn, arg, params), fn, arg, params)
-    medians = interleaved_medians({k: c[0] for k, c in calls.items()}, sizes.rounds, device)
-    return {k: (medians[k] * 1e3, count_aten_ops(*calls[k][1:])) for k in calls}
+            go()
+    medians = interleaved_medians(calls, sizes.rounds, device)
+    return {k: (medians[k] * 1e3, aten_ops_of(go)) for k, go in calls.items()}
+
+
+def layer_runner(impl: str, d: int | None, x, **shape) -> Callable[[], None]:
+    """One forward + backward of the layer ``impl`` (``build``'s layer scope, ``shape`` its mode,
+    n_in, n and device) on ``x``, as a zero-argument callable."""
+    fn = build(impl, "layer", d=d, **shape)
+    return partial(run_once, fn, x, list(fn.parameters()))
 
 
 def fig3(sizes: Sizes, device: str) -> list[dict]:
@@ -198,11 +205,10 @@ def fig3(sizes: Sizes, device: str) -> list[dict]:
         for t_len in sizes.t_values:
             log.info("fig3: %s T=%d", mode, t_len)
             x = poisson_input(sizes.batch, sizes.n_in, t_len, device)
-            make = partial(build, scope="layer", mode=mode, n_in=sizes.n_in, n=sizes.n)
-            cases = {("floor", None): (make("floor", d=None, device=device), x)}
-            cases[("standard", None)] = (make("standard", d=None, device=device), x)
+            make = partial(layer_runner, x=x, mode=mode, n_in=sizes.n_in, n=sizes.n, device=device)
+            cases = {(impl, None): make(impl, None) for impl in ("floor", "standard")}
             for d in sizes.d_values:
-                cases[("dblock", d)] = (make("dblock", d=d, device=device), x)
+                cases[("dblock", d)] = make("dblock", d)
             timed = _timed(cases, device, sizes)
             std_ms, floor_ms = timed[("standard", None)][0], timed[("floor", None)][0]
             for (impl, d), (ms, ops) in timed.items():
@@ -231,19 +237,12 @@ def shd_layer(sizes: Sizes, device: str) -> list[dict]:
     x = poisson_input(batch, n_in, t_len, device)
     for mode in MODES:
         log.info("shd_layer: %s", mode)
-        make = partial(build, scope="layer", mode=mode, n_in=n_in, n=n, device=device)
-        cases = {"floor": (make("floor", d=None), x), "dblock": (make("dblock", d=d), x)}
+        make = partial(layer_runner, x=x, mode=mode, n_in=n_in, n=n, device=device)
+        cases = {"floor": make("floor", None), "dblock": make("dblock", d)}
         for peer in ("snntorch", "norse_compiled"):
-            try:
-                fn = make(peer, d=None)
-                run_once(fn, x, list(fn.parameters()))
-            except Unavailable as err:
-                log.warning("shd_layer: skipping %s (%s)", peer, err)
-                continue
-            except Exception as err:  # noqa: BLE001 - a peer that breaks must not stop the check
-                log.warning("shd_layer: skipping %s: %s: %s", peer, type(err).__name__, err)
-                continue
-            cases[peer] = (fn, x)
+            go = warmed_up(partial(make, peer, None), 1, f"shd_layer {peer} ({mode})")
+            if go is not None:
+                cases[peer] = go
         timed = _timed(cases, device, sizes)
         floor_ms, db_ms = timed["floor"][0], timed["dblock"][0]
         for impl, (ms, ops) in timed.items():
@@ -273,26 +272,6 @@ class ProjectionsOnly(nn.Module):
         return self.readout(self.hidden(x)).sum(0)
 
 
-class StepModule(nn.Module):
-    """One training step (forward, cross-entropy, backward, Adam) as a module-like callable."""
-
-    def __init__(self, net: nn.Module, labels, autocast: torch.dtype | None) -> None:
-        super().__init__()
-        self.net, self.labels, self.autocast = net, labels, autocast
-        self.opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-
-    def forward(self, x):
-        self.opt.zero_grad(set_to_none=True)
-        with torch.autocast(
-            x.device.type, self.autocast or torch.float32, self.autocast is not None
-        ):
-            out = self.net(x)
-            loss = TF.cross_entropy(getattr(out, "logits", out), self.labels)
-        loss.backward()
-        self.opt.step()
-        return loss.detach().reshape(1).requires_grad_()  # run_once's sum().backward() is a no-op
-
-
 def shd_step(sizes: Sizes, device: str) -> list[dict]:
     batch, n_in, n, t_len, d, n_classes = sizes.shd
     x = poisson_input(batch, n_in, t_len, device)
@@ -301,12 +280,15 @@ def shd_step(sizes: Sizes, device: str) -> list[dict]:
     rows = []
     for precision, dtype in (("float32", None), ("bf16 autocast", torch.bfloat16)):
         log.info("shd_step: %s", precision)
-        nets = {"floor": ProjectionsOnly(n_in, n, n_classes)}
+        nets = {"floor": ProjectionsOnly(n_in, n, n_classes).to(device)}
         for mode in MODES:
             nets[f"dblock {mode}"] = SNNClassifier(
                 n_in, n, 1, n_classes, "dblock", d, mode == "recurrent", t_len=t_len
-            )
-        cases = {k: (StepModule(net.to(device), labels, dtype), x) for k, net in nets.items()}
+            ).to(device)
+        cases = {  # one training step each (forward, cross-entropy, backward, Adam)
+            k: partial(train_step, net, Adam(net.parameters(), lr=1e-3), x, labels, dtype)
+            for k, net in nets.items()
+        }
         timed = _timed(cases, device, sizes)
         floor_ms = timed["floor"][0]
         for case, (ms, ops) in timed.items():
@@ -321,17 +303,15 @@ def shd_step(sizes: Sizes, device: str) -> list[dict]:
 
 
 def markdown(rows: list[dict], header: str) -> str:
-    parts = [header]
+    text = header + "\n"
     for section in SECTIONS:
         sub = [r for r in rows if r["section"] == section]
         if not sub:
             continue
         cols = [c for c in COLUMNS[1:] if any(r.get(c) not in (None, "") for r in sub)]
-        parts.append(f"\n## {section}\n")
-        parts.append("| " + " | ".join(cols) + " |")
-        parts.append("|" + "---|" * len(cols))
-        parts += ["| " + " | ".join(str(r.get(c) or "") for c in cols) + " |" for r in sub]
-    return "\n".join(parts) + "\n"
+        table = markdown_table(cols, [[r.get(c) or "" for c in cols] for r in sub])
+        text += f"\n## {section}\n\n{table}"
+    return text
 
 
 def write(rows: list[dict], out: Path, header: str) -> tuple[Path, Path]:

@@ -150,18 +150,16 @@ def panel_c(recs, ds, ref_ds, d=40):
 def paired(recs) -> tuple[list[tuple[dict, dict]], list[str]]:
     """(d-block run, standard run) pairs: recurrent, 1 layer, same dataset, n_hidden and seed;
     and notes on the d-block runs left without a partner."""
-    std = {
-        (r["n_hidden"], r["seed"]): r
-        for r in recs
-        if r["model"] == "standard" and r["recurrent"] and r["layers"] == 1
-    }
-    runs = dblock_runs(recs, layers=1, recurrent=True, detach_recurrent=True)
-    if not runs:
-        raise MissingRuns("no recurrent d-block runs (one layer, detached) to compare")
 
     def key(r: dict) -> tuple:
         return r["n_hidden"], r["seed"]
 
+    std = {
+        key(r): r for r in recs if r["model"] == "standard" and r["recurrent"] and r["layers"] == 1
+    }
+    runs = dblock_runs(recs, layers=1, recurrent=True, detach_recurrent=True)
+    if not runs:
+        raise MissingRuns("no recurrent d-block runs (one layer, detached) to compare")
     pairs = [(r, std[key(r)]) for r in runs if key(r) in std]
     if not pairs:
         raise MissingRuns(
@@ -197,8 +195,9 @@ def panel_line(recs, ds, ref_ds, which):
     ax.errorbar(
         xs, [ours[d][0] for d in xs], [ours[d][1] for d in xs], marker="o", capsize=3, label="ours"
     )
-    if known(ref):
-        ax.plot(list(known(ref)), list(known(ref).values()), "--", marker="x", color="gray",
+    shown = known(ref)
+    if shown:
+        ax.plot(list(shown), list(shown.values()), "--", marker="x", color="gray",
                 label=paper_tag(ref_ds))
     ax.axhline(1.0 if which == "d" else 0.0, color="k", lw=0.5)
     ax.set(xlabel="d", ylabel=label,
