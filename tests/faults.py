@@ -126,11 +126,12 @@ class KillDuringWrite(pl.Callback):
     """``kill -9`` at ``phase`` of writing the file ``name`` in epoch ``epoch`` (see module doc)."""
 
     PHASES = ("open", "write", "replace", "done")
+    after = 4096  # bytes of the file on disk when ``phase="write"`` kills
 
-    def __init__(self, epoch: int, name: str = "last.ckpt", phase: str = "write", after=4096):
+    def __init__(self, epoch: int, name: str = "last.ckpt", phase: str = "write"):
         if phase not in self.PHASES:
             raise ValueError(f"phase={phase!r}; choose one of {self.PHASES}")
-        self.epoch, self.name, self.phase, self.after = epoch, name, phase, after
+        self.epoch, self.name, self.phase = epoch, name, phase
         self.trainer = None
 
     def _now(self) -> bool:
@@ -162,7 +163,7 @@ class KillDuringWrite(pl.Callback):
 
         def move(real):
             def fn(src, dst, *args, **kwargs):
-                hit = _is(dst, self.name) and os.path.basename(dst) == self.name and self._now()
+                hit = os.path.basename(dst) == self.name and self._now()
                 if hit and self.phase == "replace":
                     _kill()
                 out = real(src, dst, *args, **kwargs)
@@ -201,8 +202,10 @@ class FullDisk(pl.Callback):
     dumped (the checkpoint itself, wherever it is staged) runs out of space after ``after``
     bytes: the bytes before reach the disk, then ``write`` raises ENOSPC."""
 
-    def __init__(self, epoch: int, after: int = 4096) -> None:
-        self.epoch, self.after, self.armed, self.done = epoch, after, False, False
+    after = 4096
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch, self.armed, self.done = epoch, False, False
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.done:
@@ -243,6 +246,7 @@ def fault(target: str, key: str = "fault", **params) -> list[str]:
 PRELOAD = ["torch", "pytorch_lightning", "hydra", "omegaconf", "h5py", "torchmetrics"]
 PRELOAD += ["dblock.task", "datamodules.bursts", "tests.faults"]
 _context = None
+TIMEOUT = 600  # s, for one run
 
 
 def _forkserver():
@@ -274,7 +278,7 @@ def _main(args: list[str], cwd: str, env: dict, out: str, err: str) -> None:
     runpy.run_path(str(ROOT / "run.py"), run_name="__main__")
 
 
-def run_cli(args, tmp_path, check=True, env=None, timeout=600, cwd=None):
+def run_cli(args, tmp_path, check=True, env=None):
     """``python run.py ARGS`` as ``tests.test_run.run`` does it (data in ``tmp_path/data``, wandb
     offline), in a process forked from a server with the heavy imports done. Returns a
     ``CompletedProcess``; ``returncode`` is ``-N`` when the run died of signal N."""
@@ -294,14 +298,14 @@ def run_cli(args, tmp_path, check=True, env=None, timeout=600, cwd=None):
     err.write_text("")
     proc = _forkserver().Process(
         target=_main,
-        args=([str(a) for a in args], str(cwd or tmp_path), {**base, **(env or {})}, out, err),
+        args=([str(a) for a in args], str(tmp_path), {**base, **(env or {})}, out, err),
     )
     proc.start()
-    proc.join(timeout)
+    proc.join(TIMEOUT)
     if proc.exitcode is None:
         proc.kill()
         proc.join()
-        raise subprocess.TimeoutExpired(["run.py", *args], timeout)
+        raise subprocess.TimeoutExpired(["run.py", *args], TIMEOUT)
     done = subprocess.CompletedProcess(
         ["run.py", *args], proc.exitcode, out.read_text(), err.read_text()
     )
