@@ -269,6 +269,8 @@ def _main(args: list[str], cwd: str, env: dict, out: str, err: str) -> None:
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
+    # torch read OMP_NUM_THREADS when the server imported it: set the count it names here
+    torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
     for fd, name in ((1, out), (2, err)):
         target = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(target, fd)
@@ -278,18 +280,27 @@ def _main(args: list[str], cwd: str, env: dict, out: str, err: str) -> None:
     runpy.run_path(str(ROOT / "run.py"), run_name="__main__")
 
 
+def run_env(tmp_path, env=None) -> dict:
+    """The environment of a test's ``run.py``: data under ``tmp_path/data``, wandb offline, the
+    project importable by worker processes (submitit); ``env`` adds or replaces variables."""
+    return {
+        # one torch thread unless the caller chose: the runs then neither slow down nor print
+        # run.py's busy-CPU hint when the test machine is loaded (dblock/runtime.py)
+        "OMP_NUM_THREADS": "1",
+        **os.environ,
+        "DBLOCK_DATA": str(Path(tmp_path) / "data"),
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        **(env or {}),
+    }
+
+
 def run_cli(args, tmp_path, check=True, env=None):
-    """``python run.py ARGS`` as ``tests.test_run.run`` does it (data in ``tmp_path/data``, wandb
-    offline), in a process forked from a server with the heavy imports done. Returns a
-    ``CompletedProcess``; ``returncode`` is ``-N`` when the run died of signal N."""
+    """``python run.py ARGS`` in ``tmp_path`` with ``run_env(tmp_path, env)``, in a process
+    forked from a server with the heavy imports done. Returns a ``CompletedProcess``;
+    ``returncode`` is ``-N`` when the run died of signal N."""
     tmp_path = Path(tmp_path)
-    base = dict(
-        os.environ,
-        DBLOCK_DATA=str(tmp_path / "data"),
-        WANDB_MODE="offline",
-        WANDB_SILENT="true",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    )
     logs = tmp_path / "logs"
     logs.mkdir(exist_ok=True)
     n = len(list(logs.glob("*.out")))
@@ -298,7 +309,7 @@ def run_cli(args, tmp_path, check=True, env=None):
     err.write_text("")
     proc = _forkserver().Process(
         target=_main,
-        args=([str(a) for a in args], str(tmp_path), {**base, **(env or {})}, out, err),
+        args=([str(a) for a in args], str(tmp_path), run_env(tmp_path, env), out, err),
     )
     proc.start()
     proc.join(TIMEOUT)

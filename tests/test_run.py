@@ -19,6 +19,7 @@ import run as run_py
 from dblock import runner
 from dblock.config_check import ConfigError, accepted_keywords
 from dblock.console import EpochLines, progress_bar
+from tests.faults import run_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["dataset.n_train=256", "dataset.n_test=128", "dataset.batch_size=64", "n_hidden=16"]
@@ -27,23 +28,11 @@ NOISE = ("GPU available", "TPU available", "litlogger", "Tip:", "LeafSpec", "War
 
 
 def run(args, tmp_path, check=True, env=None, timeout=900):
-    """``python run.py ARGS`` in ``tmp_path``: data under ``tmp_path/data``, wandb offline, the
-    project importable by worker processes (submitit); ``env`` adds or replaces variables."""
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    base = {
-        # one torch thread unless the caller chose: the runs then neither slow down nor print
-        # run.py's busy-CPU hint when the test machine is loaded (dblock/runtime.py)
-        "OMP_NUM_THREADS": "1",
-        **os.environ,
-        "DBLOCK_DATA": str(tmp_path / "data"),
-        "WANDB_MODE": "offline",
-        "WANDB_SILENT": "true",
-        "PYTHONPATH": path,
-    }
+    """``python run.py ARGS`` in ``tmp_path`` with ``tests.faults.run_env(tmp_path, env)``."""
     proc = subprocess.run(
         [sys.executable, str(ROOT / "run.py"), *args],
         cwd=tmp_path,
-        env={**base, **(env or {})},
+        env=run_env(tmp_path, env),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -342,9 +331,9 @@ def test_terminal_gets_the_bar_and_run_log_the_epoch_lines(tmp_path):
     if pid == 0:  # the child: run.py on the terminal's side
         try:
             os.chdir(tmp_path)
-            os.environ.update(DBLOCK_DATA=str(tmp_path / "data"), PYTHONPATH=str(ROOT))
             args = ["trainer.max_epochs=1", f"hydra.run.dir={out}", "logger=none", *TINY]
-            os.execv(sys.executable, [sys.executable, str(ROOT / "run.py"), *args])
+            argv = [sys.executable, str(ROOT / "run.py"), *args]
+            os.execve(sys.executable, argv, run_env(tmp_path))
         finally:
             os._exit(127)
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
