@@ -31,6 +31,8 @@ import pytorch_lightning as pl
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# a run of seconds on the generated dataset
+TINY = ["dataset.n_train=256", "dataset.n_test=128", "dataset.batch_size=64", "n_hidden=16"]
 
 
 class KillAt(pl.Callback):

@@ -20,10 +20,9 @@ from omegaconf import OmegaConf
 from datamodules.base import ShardSampler
 from datamodules.bursts import BurstsDataModule
 from dblock.config_check import ConfigError, check_config, check_data_dir
-from tests.faults import fault, reference_run, run_cli
+from tests.faults import TINY, fault, reference_run, run_cli
 from tests.test_run import ROOT, run
 
-TINY = ["dataset.n_train=256", "dataset.n_test=128", "dataset.batch_size=64", "n_hidden=16"]
 # 3 epochs with an lr step after the first: resume must restore the scheduler too
 RESUMABLE = [*TINY, "trainer.max_epochs=3", "task.milestones=[1]", "task.lr=0.01"]
 TIMING = {"train/epoch_time_s", "wall_time_s", "tested_ckpt"}

@@ -19,10 +19,9 @@ import run as run_py
 from dblock import runner
 from dblock.config_check import ConfigError, accepted_keywords
 from dblock.console import EpochLines, progress_bar
-from tests.faults import run_env
+from tests.faults import TINY, run_env
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["dataset.n_train=256", "dataset.n_test=128", "dataset.batch_size=64", "n_hidden=16"]
 # what Lightning, torch and Python print on every run that no setting can act on
 NOISE = ("GPU available", "TPU available", "litlogger", "Tip:", "LeafSpec", "Warning", "warning:")
 
