@@ -33,6 +33,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 # a run of seconds on the generated dataset
 TINY = ["dataset.n_train=256", "dataset.n_test=128", "dataset.batch_size=64", "n_hidden=16"]
+# 3 epochs with an lr step after the first: resume must restore the scheduler too
+RESUMABLE = [*TINY, "trainer.max_epochs=3", "task.milestones=[1]", "task.lr=0.01"]
 
 
 class KillAt(pl.Callback):
@@ -326,15 +328,3 @@ def run_cli(args, tmp_path, check=True, env=None):
         assert done.returncode == 0, done.stderr[-3000:]
     return done
 
-
-_references: dict[tuple, Path] = {}
-
-
-def reference_run(tmp_path_factory, args: list[str]) -> Path:
-    """The run dir of one uninterrupted ``run.py ARGS``, run once per session and shared."""
-    key = tuple(args)
-    if key not in _references:
-        tmp = tmp_path_factory.mktemp("reference")
-        run_cli([*args, f"hydra.run.dir={tmp / 'run'}"], tmp)
-        _references[key] = tmp / "run"
-    return _references[key]

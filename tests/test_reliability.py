@@ -20,11 +20,9 @@ from omegaconf import OmegaConf
 from datamodules.base import ShardSampler
 from datamodules.bursts import BurstsDataModule
 from dblock.config_check import ConfigError, check_config, check_data_dir
-from tests.faults import TINY, fault, reference_run, run_cli
+from tests.faults import RESUMABLE, TINY, fault, run_cli
 from tests.test_run import ROOT, run
 
-# 3 epochs with an lr step after the first: resume must restore the scheduler too
-RESUMABLE = [*TINY, "trainer.max_epochs=3", "task.milestones=[1]", "task.lr=0.01"]
 TIMING = {"train/epoch_time_s", "wall_time_s", "tested_ckpt"}
 
 
@@ -41,13 +39,6 @@ def same(got: dict, want: dict) -> bool:
 
 def load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    """One uninterrupted run: the baseline for resume, determinism and evaluation (one per
-    session, shared with tests/test_interrupts.py)."""
-    return reference_run(tmp_path_factory, RESUMABLE)
 
 
 # every place a kill can land in a 3-epoch run: mid-epoch, and each phase of each checkpoint
