@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 import run  # noqa: F401  (registers the dblock.* resolvers)
 from tests.faults import TINY
+from tests.test_run import results
 from tests.test_run import run as run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -216,7 +217,7 @@ def test_two_job_sweep_one_wandb_run_per_job_and_plot(tmp_path):
     ]
     ids = set()
     for job in jobs:
-        res = json.loads((job / "results.json").read_text())
+        res = results(job)
         assert res["epoch"] == 2 and res["d"] == 40 and res["dataset"] == "bursts"
         assert (job / "checkpoints" / "best-train-loss.ckpt").is_file()  # the recipe's checkpoint
         runs = list((job / "wandb").glob("offline-run-*"))

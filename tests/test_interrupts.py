@@ -9,8 +9,8 @@ import signal
 import sys
 
 from tests.faults import RESUMABLE, TINY, fault, run_cli
-from tests.test_reliability import load, results, same
-from tests.test_run import ROOT
+from tests.test_reliability import load, same
+from tests.test_run import ROOT, results
 
 
 def test_sigterm_writes_interrupted_results_with_the_exact_resume_command(reference, tmp_path):

@@ -21,13 +21,9 @@ from datamodules.base import ShardSampler
 from datamodules.bursts import BurstsDataModule
 from dblock.config_check import ConfigError, check_config, check_data_dir
 from tests.faults import RESUMABLE, TINY, fault, run_cli
-from tests.test_run import ROOT, run
+from tests.test_run import ROOT, results, run
 
 TIMING = {"train/epoch_time_s", "wall_time_s", "tested_ckpt"}
-
-
-def results(run_dir: Path) -> dict:
-    return json.loads((run_dir / "results.json").read_text())
 
 
 def same(got: dict, want: dict) -> bool:
@@ -453,7 +449,7 @@ def test_non_finite_job_does_not_stop_a_sweep(tmp_path):
     )
     assert "error: non-finite training loss in epoch 0" in proc.stderr
     jobs = [sweep / f"+callbacks.fault.epoch={e}" for e in (0, 5)]  # named by what they sweep
-    status = [json.loads((job / "results.json").read_text())["status"] for job in jobs]
+    status = [results(job)["status"] for job in jobs]
     assert status == ["failed", "ok"]
     # each job's run.log ends with its error or its summary line
     assert "non-finite" in (jobs[0] / "run.log").read_text().splitlines()[-1]

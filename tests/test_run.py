@@ -41,6 +41,11 @@ def run(args, tmp_path, check=True, env=None, timeout=900):
     return proc
 
 
+def results(run_dir: Path) -> dict:
+    """A run's results.json."""
+    return json.loads((run_dir / "results.json").read_text())
+
+
 def test_default_config_composes_and_instantiates(tmp_path):
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(
@@ -55,7 +60,7 @@ def test_default_config_composes_and_instantiates(tmp_path):
 def test_run_writes_results(tmp_path, model):
     out = tmp_path / "run"
     proc = run([f"model={model}", "trainer.max_epochs=2", f"hydra.run.dir={out}", *TINY], tmp_path)
-    res = json.loads((out / "results.json").read_text())
+    res = results(out)
     for key in (
         "test/acc",
         "test/loss",
@@ -108,7 +113,7 @@ def test_resume_from_checkpoint(tmp_path):
     run(["trainer.max_epochs=1", f"hydra.run.dir={out}", *TINY], tmp_path)
     ckpt = out / "checkpoints" / "last.ckpt"
     run(["trainer.max_epochs=2", f"hydra.run.dir={out}", f"ckpt_path={ckpt}", *TINY], tmp_path)
-    assert json.loads((out / "results.json").read_text())["epoch"] == 2
+    assert results(out)["epoch"] == 2
 
 
 def test_multirun_sweep(tmp_path):
@@ -310,7 +315,7 @@ def test_refused_run_leaves_no_folder_and_a_kept_folder_logs_the_error(tmp_path)
 def test_smoke_run_is_not_a_result_and_verbose_shows_the_config(tmp_path):
     out = tmp_path / "run"
     proc = run(["debug=default", "verbose=true", f"hydra.run.dir={out}", *TINY], tmp_path)
-    assert json.loads((out / "results.json").read_text())["smoke"] is True
+    assert results(out)["smoke"] is True
     last = proc.stdout.splitlines()[-1]
     assert last.startswith("smoke run of dblock d=10") and "test acc" not in last
     assert "_target_: dblock.models.SNNClassifier" in proc.stdout  # the resolved config
