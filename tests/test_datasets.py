@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 
 from datamodules.events import DataError, write_h5
 from datamodules.tonic_datasets import NMNISTDataModule, SHDDataModule, SSCDataModule
-from tests.test_run import run as run_cli
+from tests.faults import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,9 +16,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import run  # noqa: F401  (registers the dblock.* resolvers)
-from tests.faults import TINY
+from tests.faults import TINY, run_cli
 from tests.test_run import results
-from tests.test_run import run as run_cli
+from tests.test_run import run as run_in_new_process
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
@@ -259,7 +259,9 @@ def test_parallel_launchers_run_two_jobs(tmp_path, launcher):
     sweep = tmp_path / "sweep"
     extra = ["hydra.launcher.n_jobs=2"] if launcher == "joblib" else []
     args = ["-m", f"hydra/launcher={launcher}", "d=1,5", f"hydra.sweep.dir={sweep}", *extra]
-    run_cli([*args, *TINY, "trainer.max_epochs=1"], tmp_path)
+    # joblib's workers wait minutes when run.py runs forked from run_cli's server
+    launch = run_in_new_process if launcher == "joblib" else run_cli
+    launch([*args, *TINY, "trainer.max_epochs=1"], tmp_path)
     got = sorted(json.loads(p.read_text())["d"] for p in sweep.glob("*/results.json"))
     assert got == [1, 5]
 

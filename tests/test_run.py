@@ -19,7 +19,7 @@ import run as run_py
 from dblock import runner
 from dblock.config_check import ConfigError, accepted_keywords
 from dblock.console import EpochLines, progress_bar
-from tests.faults import TINY, run_env
+from tests.faults import TINY, run_cli, run_env
 
 ROOT = Path(__file__).resolve().parents[1]
 # what Lightning, torch and Python print on every run that no setting can act on
@@ -295,26 +295,26 @@ def test_progress_display_follows_the_terminal():
 
 def test_refused_run_leaves_no_folder_and_a_kept_folder_logs_the_error(tmp_path):
     out = tmp_path / "run"
-    proc = run(["+recurent=false", f"hydra.run.dir={out}"], tmp_path, check=False)
+    proc = run_cli(["+recurent=false", f"hydra.run.dir={out}"], tmp_path, check=False)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr == "error: recurent is not a setting; did you mean `recurrent`?\n"
     assert not out.exists()
     # refused inside the job (the split is known only once the data is read): removed too
     bad = ["dataset.val_fraction=0", "trainer.max_epochs=1", *TINY]
-    proc = run([*bad, f"hydra.run.dir={out}"], tmp_path, check=False)
+    proc = run_cli([*bad, f"hydra.run.dir={out}"], tmp_path, check=False)
     assert proc.returncode == 2 and "needs a validation split" in proc.stderr
     assert not out.exists()
     # a folder that already held something is kept, and its run.log records the error
     out.mkdir()
     (out / "notes.txt").write_text("mine\n")
-    proc = run([*bad, f"hydra.run.dir={out}"], tmp_path, check=False)
+    proc = run_cli([*bad, f"hydra.run.dir={out}"], tmp_path, check=False)
     assert proc.returncode == 2 and (out / "notes.txt").is_file()
     assert "needs a validation split" in (out / "run.log").read_text().splitlines()[-1]
 
 
 def test_smoke_run_is_not_a_result_and_verbose_shows_the_config(tmp_path):
     out = tmp_path / "run"
-    proc = run(["debug=default", "verbose=true", f"hydra.run.dir={out}", *TINY], tmp_path)
+    proc = run_cli(["debug=default", "verbose=true", f"hydra.run.dir={out}", *TINY], tmp_path)
     assert results(out)["smoke"] is True
     last = proc.stdout.splitlines()[-1]
     assert last.startswith("smoke run of dblock d=10") and "test acc" not in last
