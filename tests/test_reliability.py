@@ -358,6 +358,10 @@ def test_ddp_two_cpu_processes_match_single_process_eval(tmp_path):
     "override, message",
     [
         (["d=101"], "d=101 is not allowed: d must be an integer in 1..T, and T=100"),
+        (
+            ["d=500", "trainer.max_epochs=1"],
+            "d=500 is not allowed: d must be an integer in 1..T, and T=100",
+        ),
         (["layers=0"], "layers=0 is not allowed: layers must be an integer >= 1"),
         (["n_hidden=0"], "n_hidden=0 is not allowed"),
         (["dataset.batch_size=0"], "dataset.batch_size=0 is not allowed"),

@@ -141,17 +141,6 @@ def test_wandb_offline(tmp_path):
     assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
 
 
-def test_bad_d_is_a_clear_error(tmp_path):
-    proc = run(
-        ["d=500", "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'r'}", *TINY],
-        tmp_path,
-        check=False,
-    )
-    assert proc.returncode != 0
-    assert "d=500" in proc.stderr and "T=100" in proc.stderr
-    assert "Traceback" not in proc.stderr
-
-
 # --- settings refused before anything runs --------------------------------------------------
 
 
