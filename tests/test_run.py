@@ -19,7 +19,7 @@ import run as run_py
 from dblock import runner
 from dblock.config_check import ConfigError, accepted_keywords
 from dblock.console import EpochLines, progress_bar
-from tests.faults import TINY, run_cli, run_env
+from tests.faults import TINY, fault, run_cli, run_env
 
 ROOT = Path(__file__).resolve().parents[1]
 # what Lightning, torch and Python print on every run that no setting can act on
@@ -234,8 +234,7 @@ def test_known_keys_come_from_the_code():
 
 def test_sweep_jobs_named_by_their_overrides(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    fault = ["+callbacks.fault._target_=tests.faults.PoisonAt", "+callbacks.fault.epoch=0,5"]
-    extra = preflight(["-m", "d=1,5", "layers=2", *fault])
+    extra = preflight(["-m", "d=1,5", "layers=2", *fault("PoisonAt", epoch="0,5")])
     assert extra == [
         "hydra.job.config.override_dirname.exclude_keys=['callbacks.fault._target_','layers']",
         "hydra.sweep.subdir=${hydra.job.override_dirname}",
