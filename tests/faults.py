@@ -92,6 +92,13 @@ class PoisonAt(pl.Callback):
 # --- file faults ----------------------------------------------------------------------------
 
 
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
 def _kill() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from datamodules.base import ShardSampler
 from datamodules.bursts import BurstsDataModule
 from dblock.config_check import ConfigError, check_config, check_data_dir
-from tests.faults import RESUMABLE, TINY, fault, run_cli
+from tests.faults import RESUMABLE, TINY, dead_pid, fault, run_cli
 from tests.test_run import ROOT, results, run
 
 TIMING = {"train/epoch_time_s", "wall_time_s", "tested_ckpt"}
@@ -205,7 +205,7 @@ def test_second_run_in_the_same_run_dir_is_refused(tmp_path):
 def test_leftovers_do_not_break_the_next_run(tmp_path):
     """Temp files of killed writers (a generated dataset, a cache entry) are removed at the next
     start, and a run that fails before any checkpoint names none as the last good one."""
-    dead = os.getpid() + 1_000_000  # no such process
+    dead = dead_pid()
     data = tmp_path / "data"
     orphans = [
         data / "BURSTS" / f"bursts_train.h5.{dead}.tmp",
