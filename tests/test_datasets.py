@@ -11,12 +11,12 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import encode_nmnist, random_events
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from datamodules.events import DataError, write_h5
 from datamodules.tonic_datasets import NMNISTDataModule, SHDDataModule, SSCDataModule
+from tests.conftest import encode_nmnist, random_events
 from tests.faults import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
