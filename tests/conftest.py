@@ -21,6 +21,17 @@ def kernel(request) -> str:
     return request.param
 
 
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory):
+    """The run dir of one uninterrupted ``run.py RESUMABLE``: the baseline for resume,
+    determinism and evaluation (tests/test_reliability.py, tests/test_interrupts.py)."""
+    from tests.faults import RESUMABLE, run_cli  # imports Lightning: only when a test needs it
+
+    tmp = tmp_path_factory.mktemp("reference")
+    run_cli([*RESUMABLE, f"hydra.run.dir={tmp / 'run'}"], tmp)
+    return tmp / "run"
+
+
 # --- tiny datasets in the real formats -------------------------------------------------------
 
 import numpy as np  # noqa: E402

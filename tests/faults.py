@@ -31,6 +31,10 @@ import pytorch_lightning as pl
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# a run of seconds on the generated dataset
+TINY = ["dataset.n_train=256", "dataset.n_test=128", "dataset.batch_size=64", "n_hidden=16"]
+# 3 epochs with an lr step after the first: resume must restore the scheduler too
+RESUMABLE = [*TINY, "trainer.max_epochs=3", "task.milestones=[1]", "task.lr=0.01"]
 
 
 class KillAt(pl.Callback):
@@ -88,6 +92,13 @@ class PoisonAt(pl.Callback):
 # --- file faults ----------------------------------------------------------------------------
 
 
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
 def _kill() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
@@ -126,11 +137,12 @@ class KillDuringWrite(pl.Callback):
     """``kill -9`` at ``phase`` of writing the file ``name`` in epoch ``epoch`` (see module doc)."""
 
     PHASES = ("open", "write", "replace", "done")
+    after = 4096  # bytes of the file on disk when ``phase="write"`` kills
 
-    def __init__(self, epoch: int, name: str = "last.ckpt", phase: str = "write", after=4096):
+    def __init__(self, epoch: int, name: str = "last.ckpt", phase: str = "write"):
         if phase not in self.PHASES:
             raise ValueError(f"phase={phase!r}; choose one of {self.PHASES}")
-        self.epoch, self.name, self.phase, self.after = epoch, name, phase, after
+        self.epoch, self.name, self.phase = epoch, name, phase
         self.trainer = None
 
     def _now(self) -> bool:
@@ -162,7 +174,7 @@ class KillDuringWrite(pl.Callback):
 
         def move(real):
             def fn(src, dst, *args, **kwargs):
-                hit = _is(dst, self.name) and os.path.basename(dst) == self.name and self._now()
+                hit = os.path.basename(dst) == self.name and self._now()
                 if hit and self.phase == "replace":
                     _kill()
                 out = real(src, dst, *args, **kwargs)
@@ -201,8 +213,10 @@ class FullDisk(pl.Callback):
     dumped (the checkpoint itself, wherever it is staged) runs out of space after ``after``
     bytes: the bytes before reach the disk, then ``write`` raises ENOSPC."""
 
-    def __init__(self, epoch: int, after: int = 4096) -> None:
-        self.epoch, self.after, self.armed, self.done = epoch, after, False, False
+    after = 4096
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch, self.armed, self.done = epoch, False, False
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.done:
@@ -243,6 +257,7 @@ def fault(target: str, key: str = "fault", **params) -> list[str]:
 PRELOAD = ["torch", "pytorch_lightning", "hydra", "omegaconf", "h5py", "torchmetrics"]
 PRELOAD += ["dblock.task", "datamodules.bursts", "tests.faults"]
 _context = None
+TIMEOUT = 600  # s, for one run
 
 
 def _forkserver():
@@ -265,6 +280,8 @@ def _main(args: list[str], cwd: str, env: dict, out: str, err: str) -> None:
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
+    # torch read OMP_NUM_THREADS when the server imported it: set the count it names here
+    torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
     for fd, name in ((1, out), (2, err)):
         target = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(target, fd)
@@ -274,18 +291,27 @@ def _main(args: list[str], cwd: str, env: dict, out: str, err: str) -> None:
     runpy.run_path(str(ROOT / "run.py"), run_name="__main__")
 
 
-def run_cli(args, tmp_path, check=True, env=None, timeout=600, cwd=None):
-    """``python run.py ARGS`` as ``tests.test_run.run`` does it (data in ``tmp_path/data``, wandb
-    offline), in a process forked from a server with the heavy imports done. Returns a
-    ``CompletedProcess``; ``returncode`` is ``-N`` when the run died of signal N."""
+def run_env(tmp_path, env=None) -> dict:
+    """The environment of a test's ``run.py``: data under ``tmp_path/data``, wandb offline, the
+    project importable by worker processes (submitit); ``env`` adds or replaces variables."""
+    return {
+        # one torch thread unless the caller chose: the runs then neither slow down nor print
+        # run.py's busy-CPU hint when the test machine is loaded (dblock/runtime.py)
+        "OMP_NUM_THREADS": "1",
+        **os.environ,
+        "DBLOCK_DATA": str(Path(tmp_path) / "data"),
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        **(env or {}),
+    }
+
+
+def run_cli(args, tmp_path, check=True, env=None):
+    """``python run.py ARGS`` in ``tmp_path`` with ``run_env(tmp_path, env)``, in a process
+    forked from a server with the heavy imports done. Returns a ``CompletedProcess``;
+    ``returncode`` is ``-N`` when the run died of signal N."""
     tmp_path = Path(tmp_path)
-    base = dict(
-        os.environ,
-        DBLOCK_DATA=str(tmp_path / "data"),
-        WANDB_MODE="offline",
-        WANDB_SILENT="true",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    )
     logs = tmp_path / "logs"
     logs.mkdir(exist_ok=True)
     n = len(list(logs.glob("*.out")))
@@ -294,14 +320,14 @@ def run_cli(args, tmp_path, check=True, env=None, timeout=600, cwd=None):
     err.write_text("")
     proc = _forkserver().Process(
         target=_main,
-        args=([str(a) for a in args], str(cwd or tmp_path), {**base, **(env or {})}, out, err),
+        args=([str(a) for a in args], str(tmp_path), run_env(tmp_path, env), out, err),
     )
     proc.start()
-    proc.join(timeout)
+    proc.join(TIMEOUT)
     if proc.exitcode is None:
         proc.kill()
         proc.join()
-        raise subprocess.TimeoutExpired(["run.py", *args], timeout)
+        raise subprocess.TimeoutExpired(["run.py", *args], TIMEOUT)
     done = subprocess.CompletedProcess(
         ["run.py", *args], proc.exitcode, out.read_text(), err.read_text()
     )
@@ -309,15 +335,3 @@ def run_cli(args, tmp_path, check=True, env=None, timeout=600, cwd=None):
         assert done.returncode == 0, done.stderr[-3000:]
     return done
 
-
-_references: dict[tuple, Path] = {}
-
-
-def reference_run(tmp_path_factory, args: list[str]) -> Path:
-    """The run dir of one uninterrupted ``run.py ARGS``, run once per session and shared."""
-    key = tuple(args)
-    if key not in _references:
-        tmp = tmp_path_factory.mktemp("reference")
-        run_cli([*args, f"hydra.run.dir={tmp / 'run'}"], tmp)
-        _references[key] = tmp / "run"
-    return _references[key]

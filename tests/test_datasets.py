@@ -11,13 +11,13 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import encode_nmnist, random_events
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from datamodules.events import DataError, write_h5
 from datamodules.tonic_datasets import NMNISTDataModule, SHDDataModule, SSCDataModule
-from tests.test_run import run as run_cli
+from tests.conftest import encode_nmnist, random_events
+from tests.faults import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -336,7 +336,7 @@ def raw_h5(path: Path, times, units, labels, t_dtype=np.float16, u_dtype=np.uint
 TWO = [np.array([0.1, 0.2]), np.array([0.3])]  # two samples' times (s)
 
 
-def test_empty_train_file_is_refused(tmp_path, shd_dir):
+def test_empty_train_file_is_refused(shd_dir):
     path = shd_dir / "SHD" / "shd_train.h5"
     write_h5(path, [], [], np.zeros(0, np.uint16))
     with pytest.raises(DataError, match=rf"{path}: the train split has 0 samples.*fetch it again"):

@@ -16,18 +16,13 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import run  # noqa: F401  (registers the dblock.* resolvers)
-from tests.test_run import run as run_cli
+from tests.faults import TINY, run_cli
+from tests.test_run import results
+from tests.test_run import run as run_in_new_process
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
 FIG4 = [e for e in EXPERIMENTS if e.startswith("fig4")]
-TINY = [
-    "dataset.n_train=256",
-    "dataset.n_test=128",
-    "dataset.batch_size=64",
-    "n_hidden=16",
-    "trainer.max_epochs=1",
-]
 
 
 def composed(tmp_path, overrides):
@@ -208,7 +203,7 @@ def test_two_job_sweep_one_wandb_run_per_job_and_plot(tmp_path):
             "trainer.max_epochs=2",
             "task.milestones=[1]",
             f"hydra.sweep.dir={sweep}",
-            *TINY[:-1],
+            *TINY,
         ],
         tmp_path,
     )
@@ -222,7 +217,7 @@ def test_two_job_sweep_one_wandb_run_per_job_and_plot(tmp_path):
     ]
     ids = set()
     for job in jobs:
-        res = json.loads((job / "results.json").read_text())
+        res = results(job)
         assert res["epoch"] == 2 and res["d"] == 40 and res["dataset"] == "bursts"
         assert (job / "checkpoints" / "best-train-loss.ckpt").is_file()  # the recipe's checkpoint
         runs = list((job / "wandb").glob("offline-run-*"))
@@ -263,10 +258,10 @@ def test_two_job_sweep_one_wandb_run_per_job_and_plot(tmp_path):
 def test_parallel_launchers_run_two_jobs(tmp_path, launcher):
     sweep = tmp_path / "sweep"
     extra = ["hydra.launcher.n_jobs=2"] if launcher == "joblib" else []
-    run_cli(
-        ["-m", f"hydra/launcher={launcher}", "d=1,5", f"hydra.sweep.dir={sweep}", *extra, *TINY],
-        tmp_path,
-    )
+    args = ["-m", f"hydra/launcher={launcher}", "d=1,5", f"hydra.sweep.dir={sweep}", *extra]
+    # joblib's workers wait minutes when run.py runs forked from run_cli's server
+    launch = run_in_new_process if launcher == "joblib" else run_cli
+    launch([*args, *TINY, "trainer.max_epochs=1"], tmp_path)
     got = sorted(json.loads(p.read_text())["d"] for p in sweep.glob("*/results.json"))
     assert got == [1, 5]
 
@@ -281,7 +276,7 @@ def test_optuna_search_runs(tmp_path):
             "hydra.sweeper.n_trials=2",
             f"hydra.sweep.dir={sweep}",
             "hydra.sweeper.params.n_hidden='choice(8,16)'",
-            *TINY[:-2],
+            *TINY[:-1],
             "trainer.max_epochs=1",
         ],
         tmp_path,

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))  # the figure scripts and their figtools
 SEEDS = (0, 1, 2)
 ACC = {0: 0.70, 1: 0.72, 2: 0.74}  # per seed: mean 72.0, s.d. 2.0
 
@@ -128,7 +129,6 @@ def test_fig4_without_standard_runs_is_a_clear_error(sweep, tmp_path):
 
 def fig4():
     """experiments/plot_fig4.py as a module (in-process: no interpreter start per test)."""
-    sys.path.insert(0, str(ROOT / "experiments"))
     import plot_fig4
 
     return plot_fig4
@@ -265,7 +265,6 @@ def test_fig3_bad_csv_is_a_clear_error(tmp_path):
 
 
 def test_aggregate_mean_sd_in_numeric_order():
-    sys.path.insert(0, str(ROOT / "experiments"))
     from figtools import aggregate
 
     recs = [{"d": d, "v": v} for d, v in ((40, 1.0), (5, 2.0), (5, 4.0), (10, 3.0))]

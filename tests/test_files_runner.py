@@ -10,8 +10,6 @@ import os
 import pickle
 import shlex
 import signal
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -25,13 +23,7 @@ from datamodules.events import DataError, EventStore, write_h5
 from dblock import files, runner
 from dblock.config_check import ConfigError
 from dblock.task import AtomicCheckpointIO, order_checkpoints
-
-
-def dead_pid() -> int:
-    """The pid of a process that has exited (and been reaped)."""
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
+from tests.faults import dead_pid
 
 
 def no_space(*args, **kwargs):

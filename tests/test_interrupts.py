@@ -7,19 +7,10 @@ import os
 import shlex
 import signal
 import sys
-from pathlib import Path
 
-import pytest
-
-from tests.faults import fault, reference_run, run_cli
-from tests.test_reliability import RESUMABLE, TINY, load, results, same
-from tests.test_run import ROOT
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    """The uninterrupted run of tests/test_reliability.py (the same one, once per session)."""
-    return reference_run(tmp_path_factory, RESUMABLE)
+from tests.faults import RESUMABLE, TINY, fault, run_cli
+from tests.test_reliability import load, same
+from tests.test_run import ROOT, results
 
 
 def test_sigterm_writes_interrupted_results_with_the_exact_resume_command(reference, tmp_path):

@@ -20,17 +20,10 @@ from omegaconf import OmegaConf
 from datamodules.base import ShardSampler
 from datamodules.bursts import BurstsDataModule
 from dblock.config_check import ConfigError, check_config, check_data_dir
-from tests.faults import fault, reference_run, run_cli
-from tests.test_run import ROOT, run
+from tests.faults import RESUMABLE, TINY, dead_pid, fault, run_cli
+from tests.test_run import ROOT, results, run
 
-TINY = ["dataset.n_train=256", "dataset.n_test=128", "dataset.batch_size=64", "n_hidden=16"]
-# 3 epochs with an lr step after the first: resume must restore the scheduler too
-RESUMABLE = [*TINY, "trainer.max_epochs=3", "task.milestones=[1]", "task.lr=0.01"]
 TIMING = {"train/epoch_time_s", "wall_time_s", "tested_ckpt"}
-
-
-def results(run_dir: Path) -> dict:
-    return json.loads((run_dir / "results.json").read_text())
 
 
 def same(got: dict, want: dict) -> bool:
@@ -42,13 +35,6 @@ def same(got: dict, want: dict) -> bool:
 
 def load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    """One uninterrupted run: the baseline for resume, determinism and evaluation (one per
-    session, shared with tests/test_interrupts.py)."""
-    return reference_run(tmp_path_factory, RESUMABLE)
 
 
 # every place a kill can land in a 3-epoch run: mid-epoch, and each phase of each checkpoint
@@ -157,7 +143,7 @@ def test_recipe_paper_resumes_exactly(tmp_path):
     """The paper recipe's checkpoint (best-train-loss.ckpt) and milestone state are in last.ckpt:
     killed after its checkpoint but before last.ckpt, then at the milestone epoch, and resumed
     each time, it reloads, restarts Adam and selects as an uninterrupted run does."""
-    args = [*RESUMABLE, "recipe=paper", "trainer.max_epochs=3", "task.milestones=[1]"]
+    args = [*RESUMABLE, "recipe=paper"]
     ref, out = tmp_path / "ref", tmp_path / "run"
     last = out / "checkpoints" / "last.ckpt"
     run_cli([*args, f"hydra.run.dir={ref}"], tmp_path)
@@ -219,7 +205,7 @@ def test_second_run_in_the_same_run_dir_is_refused(tmp_path):
 def test_leftovers_do_not_break_the_next_run(tmp_path):
     """Temp files of killed writers (a generated dataset, a cache entry) are removed at the next
     start, and a run that fails before any checkpoint names none as the last good one."""
-    dead = os.getpid() + 1_000_000  # no such process
+    dead = dead_pid()
     data = tmp_path / "data"
     orphans = [
         data / "BURSTS" / f"bursts_train.h5.{dead}.tmp",
@@ -372,6 +358,10 @@ def test_ddp_two_cpu_processes_match_single_process_eval(tmp_path):
     "override, message",
     [
         (["d=101"], "d=101 is not allowed: d must be an integer in 1..T, and T=100"),
+        (
+            ["d=500", "trainer.max_epochs=1"],
+            "d=500 is not allowed: d must be an integer in 1..T, and T=100",
+        ),
         (["layers=0"], "layers=0 is not allowed: layers must be an integer >= 1"),
         (["n_hidden=0"], "n_hidden=0 is not allowed"),
         (["dataset.batch_size=0"], "dataset.batch_size=0 is not allowed"),
@@ -463,7 +453,7 @@ def test_non_finite_job_does_not_stop_a_sweep(tmp_path):
     )
     assert "error: non-finite training loss in epoch 0" in proc.stderr
     jobs = [sweep / f"+callbacks.fault.epoch={e}" for e in (0, 5)]  # named by what they sweep
-    status = [json.loads((job / "results.json").read_text())["status"] for job in jobs]
+    status = [results(job)["status"] for job in jobs]
     assert status == ["failed", "ok"]
     # each job's run.log ends with its error or its summary line
     assert "non-finite" in (jobs[0] / "run.log").read_text().splitlines()[-1]
