@@ -164,16 +164,25 @@ def test_readout_matches_reference(d, reduce):
     "b,n,t,d",
     [(3, 5, 20, None), (2, 4, 17, 17), (2, 3, 10, 1), (1, 7, 23, 5), (2, 6, 11, 4), (2, 3, 1, 1)],
 )
-# max over binary spikes at beta 0 or 1 has ties, where the subgradient split is a convention
 @pytest.mark.parametrize(
     "reduce,beta_value", [("sum", None), ("sum", 0.0), ("sum", 1.0), ("max", None)]
 )
-def test_projected_readout_matches_the_reference_of_the_projection(b, n, t, d, reduce, beta_value):
+@pytest.mark.parametrize("seed", [0, 1])
+def test_projected_readout_matches_the_reference_of_the_projection(
+    b, n, t, d, reduce, beta_value, seed
+):
     """The readout weighted over time before its projection equals the reference readout of
-    ``W S + b``, values and gradients (spikes, weight, bias, beta)."""
-    spikes = (torch.rand(t, b, n, generator=torch.Generator().manual_seed(t)) < 0.3).double()
-    weight, bias = torch.randn(4, n, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
-    beta = torch.rand(4) if beta_value is None else torch.full((4,), beta_value)
+    ``W S + b``, values and gradients (spikes, weight, bias, beta).
+
+    Everything is drawn from the test's own generator. ``max`` reads real-valued counts: over
+    binary spikes two steps can hold the same value (always at d = T), a tie whose subgradient
+    split is a convention that differs between ``torch.maximum`` and ``amax``."""
+    g = torch.Generator().manual_seed(1000 * seed + 10 * t + n)
+    draw = torch.rand(t, b, n, generator=g, dtype=torch.float64)
+    spikes = (draw < 0.3).double() if reduce == "sum" else draw * 3
+    weight = torch.randn(4, n, generator=g, dtype=torch.float64)
+    bias = torch.randn(4, generator=g, dtype=torch.float64)
+    beta = torch.rand(4, generator=g) if beta_value is None else torch.full((4,), beta_value)
     inputs = [x.double().to(DEVICE).requires_grad_() for x in (spikes, weight, bias, beta)]
     spikes, weight, bias, beta = inputs
     fast, fast_g = grads(lambda: projected_readout(spikes, weight, bias, beta, d, reduce), inputs)
@@ -187,8 +196,10 @@ def test_projected_readout_matches_the_reference_of_the_projection(b, n, t, d, r
 
 
 def test_projected_readout_float32_and_no_bias():
-    spikes = (torch.rand(50, 4, 8, generator=torch.Generator().manual_seed(0)) < 0.2).float()
-    spikes, weight, beta = spikes.to(DEVICE), torch.randn(3, 8).to(DEVICE), torch.rand(3).to(DEVICE)
+    g = torch.Generator().manual_seed(0)
+    spikes = (torch.rand(50, 4, 8, generator=g) < 0.2).float()
+    weight, beta = torch.randn(3, 8, generator=g), torch.rand(3, generator=g)
+    spikes, weight, beta = spikes.to(DEVICE), weight.to(DEVICE), beta.to(DEVICE)
     got = projected_readout(spikes, weight, None, beta, 7)
     want = R.leaky_readout(spikes @ weight.t(), beta, 7)
     assert got.dtype == torch.float32
