@@ -143,3 +143,23 @@ def test_chunked_keeps_float32_matmuls_when_tf32_is_allowed():
     finally:
         torch.set_float32_matmul_precision(old)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "mkldnn"])
+def test_chunked_runs_after_the_per_backend_tf32_setting(backend):
+    """``torch.backends.cuda.matmul.fp32_precision = "tf32"`` (the API torch documents now)
+    made every chunked forward raise "mix of the legacy and new APIs": the kernel read
+    ``torch.get_float32_matmul_precision()``. It now keeps IEEE float32 through the per-backend
+    API and leaves the setting as it found it."""
+    current, beta, weight, bias = make(2, 6, 200, seed=3, dtype=torch.float32)
+    want = F.dblock_neurons(current, beta, 4, weight, bias, kernel="chunked")
+    matmul = getattr(torch.backends, backend).matmul
+    old = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"
+        got = F.dblock_neurons(current, beta, 4, weight, bias, kernel="chunked")
+        got.sum().backward()
+        assert matmul.fp32_precision == "tf32"
+    finally:
+        matmul.fp32_precision = old
+    assert torch.equal(got, want)

@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 
 from dblock.functional.block_kernel import block_groups, decay_powers
+from dblock.functional.precision import ieee_matmuls
 
 _INDEX: dict[tuple, Tensor] = {}
 
@@ -185,18 +186,10 @@ def _candidate_grad(g: Tensor, u: Tensor, scale: float) -> Tensor:
 
 @contextmanager
 def _float32(device_type: str) -> Iterator[None]:
-    """Autocast off and full-precision float32 matmuls: the Toeplitz sums are the membrane, so
-    TF32 (``torch.set_float32_matmul_precision("high")``) or bf16 would move spikes."""
-    old = torch.get_float32_matmul_precision()
-    with torch.autocast(device_type, enabled=False):
-        if old == "highest":
-            yield
-            return
-        torch.set_float32_matmul_precision("highest")
-        try:
-            yield
-        finally:
-            torch.set_float32_matmul_precision(old)
+    """Autocast off and IEEE float32 matmuls: the Toeplitz sums are the membrane, so TF32 or bf16
+    would move spikes (``precision.ieee_matmuls``)."""
+    with torch.autocast(device_type, enabled=False), ieee_matmuls():
+        yield
 
 
 class ChunkedFunction(torch.autograd.Function):

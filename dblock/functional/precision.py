@@ -6,12 +6,20 @@ bits of mantissa) would decide the threshold test ``U > 1`` on rounded values an
 powers ``beta^k`` would lose most of their digits, so the neuron functions upcast their inputs,
 run with autocast off (their own matmuls, such as the recurrent ``W m``, stay float32 too) and
 cast spikes, which are exactly 0 or 1, back to the current's dtype.
+
+Matmuls that compute a membrane (the chunked kernel's decay Toeplitz products, the readout's
+step weights) run in IEEE float32 whatever the process allows for other float32 matmuls
+(``ieee_matmuls``): TF32 keeps 10 bits of mantissa and would move spikes. The setting is read and
+written through the per-backend API (``torch.backends.cuda.matmul.fp32_precision``) where torch
+has it, never through ``torch.get_float32_matmul_precision``, which raises once a program has
+used the per-backend API ("mix of the legacy and new APIs").
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -41,3 +49,38 @@ def float32_dynamics(cast_back: bool) -> Callable:
         return wrapper
 
     return decorate
+
+
+def _matmul_backends() -> list:
+    """The per-backend matmul settings (CUDA's cuBLAS, the CPU's oneDNN) torch has, or []."""
+    backends = [torch.backends.cuda.matmul, torch.backends.mkldnn.matmul]
+    return [b for b in backends if hasattr(b, "fp32_precision")]
+
+
+@contextmanager
+def ieee_matmuls() -> Iterator[None]:
+    """Float32 matmuls inside run in IEEE float32 (no TF32 or bf16 reduction); the settings are
+    restored on exit. Uses the per-backend API where torch has it, the legacy one otherwise."""
+    backends = _matmul_backends()
+    if backends:
+        old = [b.fp32_precision for b in backends]
+        if all(o == "ieee" for o in old):
+            yield
+            return
+        try:
+            for b in backends:
+                b.fp32_precision = "ieee"
+            yield
+        finally:
+            for b, o in zip(backends, old, strict=True):
+                b.fp32_precision = o
+        return
+    legacy = torch.get_float32_matmul_precision()  # pragma: no cover (torch < 2.9)
+    if legacy == "highest":
+        yield
+        return
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(legacy)
