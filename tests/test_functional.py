@@ -220,3 +220,27 @@ def test_unknown_reduce():
     current, beta, _, _ = make(1, 2, 5)
     with pytest.raises(ValueError, match="sum, max"):
         F.leaky_readout(current, beta, None, "mean")
+
+
+@pytest.mark.parametrize("d", [None, 3, 7])
+def test_readout_needs_no_float_cumsum_under_deterministic_algorithms(d):
+    """The readout runs in every forward: its step weights came from a float cumsum (and the
+    backward of a cumprod, another), which CUDA refuses under deterministic algorithms."""
+    from tests.test_kernels import deterministic_cuda
+
+    current, beta, weight, bias = make(3, 4, 20)
+    spikes = (current.detach() > 0.3).double().requires_grad_()
+    inputs = [current, beta, spikes, weight, bias]
+
+    def go():
+        logits = F.leaky_readout(current, beta, d) + projected_readout(
+            spikes, weight, bias, beta, d
+        )
+        return logits, torch.autograd.grad(logits.square().sum(), inputs)
+
+    with deterministic_cuda():
+        got, got_g = go()
+    want, want_g = go()
+    torch.testing.assert_close(got, want)
+    for g, w in zip(got_g, want_g, strict=True):
+        torch.testing.assert_close(g, w)
