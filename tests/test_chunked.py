@@ -10,7 +10,7 @@ import torch
 from dblock import functional as F
 from dblock.config_check import ConfigError, check_config
 from dblock.functional import reference as R
-from dblock.functional.block_chunked import chunk_plan
+from dblock.functional.block_chunked import SINGLE, chunk_plan
 from dblock.nn import DBlockLayer
 from experiments.bench_impls import build
 from experiments.bench_speed import count_aten_ops, poisson_input, run_once
@@ -37,10 +37,14 @@ def test_any_chunk_size_matches_reference(chunk, b, n, t, d):
 
 @pytest.mark.parametrize("longest", [1, 2, 16, 17, 409, 2048, 100_000])
 def test_chunk_plan_bounds_memory(longest):
-    """The two Toeplitz matrices hold N (c^2 + M^2) values, about 2 N L, not N L^2."""
+    """The two Toeplitz matrices hold N (c^2 + M^2) values, about 2 N L, not N L^2; a block of
+    at most ``SINGLE`` steps is one chunk (one (L, L) Toeplitz: no carry, no padding)."""
     c, m = chunk_plan([longest])
     assert c * m >= longest > c * (m - 1)  # M chunks of c cover the block, none wasted
-    assert c * c + m * m <= 2 * longest + 4 * c
+    if longest <= SINGLE:
+        assert (c, m) == (longest, 1)
+    else:
+        assert c * c + m * m <= 2 * longest + 4 * c
     assert chunk_plan([longest], 8) == (min(8, longest), -(-longest // min(8, longest)))
 
 
