@@ -7,8 +7,9 @@ a kernel counts once in ``launching_ops`` and adds the bytes of its tensor input
 ``bytes_moved``; ops that launch none (views, ``as_strided``, ``empty*``, ``resolve_conj`` /
 ``resolve_neg``, ``detach``, reading a size) count nothing. A tensor's bytes are its elements
 times their size, broadcast (stride-0) dimensions left out: an expanded scalar moves one value.
-An in-place op reads and writes its first argument (counted twice); an ``out=`` tensor is only
-written. Reused by the speed benchmark, ``gpu_check`` and the kernel tests.
+An in-place op reads and writes its first argument (counted twice), except ``copy_``,
+``zero_`` and ``fill_``, which only write it; an ``out=`` tensor is only written. Reused by the
+speed benchmark, ``gpu_check`` and the kernel tests.
 
     with DispatchCount() as count:
         fn(x).sum().backward()
@@ -35,6 +36,7 @@ NO_KERNEL = {  # ops that only make a view, allocate, or read metadata
     aten._local_scalar_dense, aten.unflatten, aten.flatten, aten.reshape, aten.view_as,
     aten.expand_as, aten.movedim, aten.swapaxes, aten.contiguous,
 }  # fmt: skip
+WRITE_ONLY = {aten.copy_, aten.zero_, aten.fill_}  # in place, but the old values are not read
 
 
 def tensor_bytes(x: torch.Tensor) -> int:
@@ -61,6 +63,8 @@ class DispatchCount(TorchDispatchMode):
         out = func(*args, **kwargs)
         if func.overloadpacket not in NO_KERNEL:
             given = {k: v for k, v in kwargs.items() if k != "out"}
+            if func.overloadpacket in WRITE_ONLY:
+                args = args[1:]
             reads = [x for x in tree_flatten((args, given))[0] if isinstance(x, torch.Tensor)]
             writes = [x for x in tree_flatten(out)[0] if isinstance(x, torch.Tensor)]
             moved = sum(map(tensor_bytes, reads)) + sum(map(tensor_bytes, writes))
@@ -82,4 +86,3 @@ def count_call(go: Callable[[], object]) -> DispatchCount:
     with DispatchCount() as count:
         go()
     return count
-

@@ -13,7 +13,7 @@ from dblock.functional import reference as R
 from dblock.functional.block_chunked import SINGLE, chunk_plan
 from dblock.nn import DBlockLayer
 from experiments.bench_impls import build
-from experiments.bench_speed import count_aten_ops, poisson_input, run_once
+from experiments.bench_speed import count_launching_ops, poisson_input, run_once
 from tests.conftest import DEVICE
 from tests.test_kernels import check, make
 from tests.test_reliability import composed
@@ -105,7 +105,7 @@ def _ops(mode: str, t: int, d: int, batch: int = 2, n_in: int = 12, n: int = 5) 
     layer = build("dblock_chunked", "layer", mode, n_in, n, d, "cpu")
     x, params = poisson_input(batch, n_in, t, "cpu"), list(layer.parameters())
     run_once(layer, x, params)  # warm-up
-    return count_aten_ops(layer, x, params)
+    return count_launching_ops(layer, x, params)[0]
 
 
 @pytest.mark.parametrize("mode", ["feedforward", "recurrent"])

@@ -130,3 +130,26 @@ def test_16_true_is_refused_with_one_line(tmp_path):
     check_config(composed(tmp_path, "trainer.precision=bf16-true"))
     with pytest.raises(ConfigError, match=r"trainer.precision=16-true .*16-mixed.*bf16-true"):
         check_config(composed(tmp_path, "trainer.precision=16-true"))
+
+
+def test_matmul_precision_high_allows_tf32_during_the_run_only(tmp_path):
+    """``task.matmul_precision=high``: CUDA's float32 matmuls (the projections) may run in
+    TF32 from setup to teardown, set through the per-backend API; ``highest`` (the default)
+    touches nothing; anything else is refused naming the valid values."""
+    from dblock.config_check import check_config
+    from tests.test_reliability import composed
+
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    net = SNNClassifier(n_in=4, n_hidden=3, n_classes=2, d=2, t_len=8)
+    task = SNNTask(net, n_classes=2, matmul_precision="high")
+    task.setup("fit")
+    assert matmul.fp32_precision == "tf32"
+    task.teardown("fit")
+    assert matmul.fp32_precision == before
+    default = SNNTask(net, n_classes=2)
+    default.setup("fit")
+    assert matmul.fp32_precision == before
+    with pytest.raises(ValueError, match="unknown matmul_precision 'tf32'; valid: highest, high"):
+        SNNTask(net, n_classes=2, matmul_precision="tf32")
+    check_config(composed(tmp_path, "task.matmul_precision=high"))

@@ -198,7 +198,7 @@ def _first_steps(u: Tensor, out: Tensor | None = None) -> Tensor:
     where there is none: (N, K, B) of the (N, K, B, L) ``u`` (int64)."""
     crossed = torch.gt(u, 1.0, out=torch.empty(u.shape, dtype=torch.uint8, device=u.device))
     first = torch.argmax(crossed, -1, out=out)  # the first of the maxima: the first crossing
-    none = torch.gather(crossed, -1, first.unsqueeze(-1)).squeeze(-1) == 0
+    none = (first == 0).logical_and_(crossed[..., 0] == 0)  # all 0: argmax gives 0
     return first.masked_fill_(none, u.shape[-1])
 
 

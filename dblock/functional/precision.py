@@ -13,6 +13,11 @@ step weights) run in IEEE float32 whatever the process allows for other float32 
 written through the per-backend API (``torch.backends.cuda.matmul.fp32_precision``) where torch
 has it, never through ``torch.get_float32_matmul_precision``, which raises once a program has
 used the per-backend API ("mix of the legacy and new APIs").
+
+Everything else (the input, recurrent and readout projections) follows the process setting,
+float32 by default (SPEC). ``matmul_precision="high"`` (``task.matmul_precision``) lets CUDA run
+those float32 matmuls in TF32 on GPUs that have it (Ampere and later): a numerics choice, about
+3 decimal digits per product instead of 7, for faster projections; the membrane stays IEEE.
 """
 
 from __future__ import annotations
@@ -84,3 +89,28 @@ def ieee_matmuls() -> Iterator[None]:
         yield
     finally:
         torch.set_float32_matmul_precision(legacy)
+
+
+MATMUL_PRECISIONS = {"highest": "ieee", "high": "tf32"}  # name -> per-backend value
+
+
+def check_matmul_precision(mode: str) -> None:
+    """Raise ``ValueError`` listing the valid values unless ``mode`` is one."""
+    if mode not in MATMUL_PRECISIONS:
+        valid = ", ".join(MATMUL_PRECISIONS)
+        raise ValueError(f"unknown matmul_precision {mode!r}; valid: {valid}")
+
+
+def set_cuda_matmul_precision(mode: str) -> Callable[[], None]:
+    """CUDA's float32 matmuls in ``mode`` (``highest``: IEEE float32; ``high``: TF32 where the
+    GPU has it); returns a function that restores the previous setting. The per-backend API
+    where torch has it, the legacy one otherwise, never both."""
+    check_matmul_precision(mode)
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        old = matmul.fp32_precision
+        matmul.fp32_precision = MATMUL_PRECISIONS[mode]
+        return lambda: setattr(matmul, "fp32_precision", old)
+    legacy = torch.get_float32_matmul_precision()  # pragma: no cover (torch < 2.9)
+    torch.set_float32_matmul_precision(mode)  # pragma: no cover
+    return lambda: torch.set_float32_matmul_precision(legacy)  # pragma: no cover
