@@ -115,9 +115,9 @@ def test_aten_ops_meet_the_gpu_targets_at_every_fig3_point(mode):
     counts = {(t, d): _ops(mode, t, d) for t in FIG3_T for d in FIG3_D}
     for (t, d), ops in counts.items():
         assert ops <= (200 if mode == "feedforward" else 200 + 20 * d), (t, d, ops)
-    if mode == "feedforward":  # no growth with T or d (a remainder block adds a few copies,
-        # blocks too short for two chunks skip the carry)
-        assert max(counts[2048, d] for d in FIG3_D) <= max(counts[64, d] for d in FIG3_D)
+    if mode == "feedforward":  # no growth with T or d (a remainder block adds a few ops;
+        # blocks of at most SINGLE steps are one chunk and skip the carry's)
+        assert max(counts[2048, d] for d in FIG3_D) <= max(counts[512, d] for d in FIG3_D)
     else:  # a fixed number per block
         per_block = [(counts[t, 30] - counts[t, 5]) / 25 for t in FIG3_T if t >= 512]
         assert max(per_block) <= 15

@@ -176,8 +176,6 @@ def _recurrent(
     and the step of each block's first crossing, (N, K, B) (``_first_steps``)."""
     n, k_blocks, batch, p = u.shape
     powers = pw[:, :p].unsqueeze(1)  # (N, 1, P)
-    if bias is not None and k_blocks > 1:  # the b of every R_k, k >= 1, in one op
-        u[:, 1:].addcmul_(bias.view(n, 1, 1, 1), powers.unsqueeze(1))
     fired = u.new_empty(k_blocks, n, batch)
     first = u.new_empty(n, k_blocks, batch, dtype=torch.long)
     recurrent = u.new_empty(n, batch, 1)  # W m_{k-1}, (N, B, 1)
@@ -188,8 +186,10 @@ def _recurrent(
         steps = block if length == p else block[..., :length]
         crossed = _first_steps(steps, first[:, k])
         torch.lt(crossed, length, out=fired[k])
-        if k + 1 < k_blocks:
+        if k + 1 < k_blocks and bias is None:
             torch.mm(weight, fired[k], out=recurrent.view(n, batch))
+        elif k + 1 < k_blocks:  # R_{k+1} with its b: no pass of its own over the membrane
+            torch.addmm(bias.view(n, 1), weight, fired[k], out=recurrent.view(n, batch))
     return fired, first
 
 
