@@ -1,44 +1,49 @@
 """The d-block kernel in constant sequential depth: decay Toeplitz matmuls on two levels of chunks.
 
 Inside a block the no-reset membrane is a causal decay filter (SPEC §3 step 2),
-``U_tau = sum_{j <= tau} beta^(tau - j) J_j``: a matmul with the per-neuron decay Toeplitz. The
-whole Toeplitz of a block of L steps holds N L^2 values (1.6 GB at L = 2048, N = 100), so each
-block is cut into M chunks of c steps (c about sqrt(L)) and the filter runs on two levels, as a
-chunked scan does (Mamba-2's SSD), both of them matmuls:
+``U_tau = sum_{j <= tau} beta^(tau - j) J_j``: a matmul with the per-neuron decay Toeplitz. A
+block of at most ``SINGLE`` = 64 steps is one chunk (one (L, L) Toeplitz). A longer one would make
+the Toeplitz too large (N L^2 values, 1.6 GB at L = 2048, N = 100), so it is cut into M chunks of
+c steps (c about sqrt(L)) and the filter runs on two levels, as a chunked scan does (Mamba-2's
+SSD), both of them matmuls:
 
 - inside a chunk: ``u = J D`` with the (c, c) Toeplitz ``D[j, i] = beta^(i - j)`` (i >= j);
-- between chunks: the local membranes at the chunk ends ``e_m = u[m, c - 1]`` go through the
+- between chunks: the local membranes at the chunk ends ``e_m = J_m D[:, c - 1]`` go through the
   (M, M) Toeplitz ``Q[m', m] = beta^(c (m - 1 - m'))`` (m > m'), which gives the membrane at the
-  end of the previous chunk, ``E_{m-1} = sum_{m' < m} beta^(c (m - 1 - m')) e_m'``; then
-  ``U[m, i] = u[m, i] + beta^(i + 1) E_{m-1}``.
+  end of the previous chunk, ``E_{m-1} = sum_{m' < m} beta^(c (m - 1 - m')) e_m'``; it enters as
+  ``beta E_{m-1}`` added to the chunk's first current before the in-chunk matmul, so that
+  ``U[m, i] = u[m, i] + beta^(i + 1) E_{m-1}`` needs no pass over the membrane after it.
 
 Memory for the matrices is N (c^2 + M^2), about 2 N L; every power comes from one cumulative
 product (``decay_powers``), so beta = 0 and beta = 1 are exact. Spikes keep the first crossing of
-each block: ``C = [U > 1]``, ``S = C [cumsum(C) == 1]``. The backward pass is written by hand
-(SPEC §3 step 5):
+each block: the step of the first ``U > 1`` is an ``argmax`` over the crossings (the first of the
+maxima), and one comparison of the steps with it writes the time-major spikes. The backward pass
+is written by hand (SPEC §3 step 5):
 
 - straight-through first spike: ``dL/dC_j = sum_{tau >= j} (tau - j + 1) dL/dS_tau`` within the
-  block, two reverse cumulative sums;
-- surrogate: ``dL/dU = dL/dC / (k |U - 1| + 1)^2``;
+  block: a matmul with the ramp ``H[j, tau] = tau - j + 1`` (tau >= j), the same for every neuron,
+  so it reads the time-major gradient as it is (a cumulative sum would be two passes more, and
+  CUDA refuses a float cumsum under deterministic algorithms);
+- surrogate: ``dL/dU = dL/dC / (k |U - 1| + 1)^2``; its division writes the neuron-major layout;
 - membrane: the adjoint ``a_j = sum_{tau >= j} beta^(tau - j) dL/dU_tau`` (= ``dL/dJ_j``), the
-  same two levels with the transposed matrices (the carry now runs from later chunks back to
-  ``a[m, j] += beta^(c - j) F_{m+1}``, ``F`` the adjoint at a chunk start);
-  ``dL/dbeta = sum_tau a_tau U_{tau - 1}``.
+  same two levels with the transposed matrices (the carry ``beta F_{m+1}``, ``F`` the adjoint at
+  a chunk start, enters at the chunk's last step); ``dL/dbeta = sum_tau a_tau U_{tau - 1}``, one
+  batched dot product over the flattened steps.
 
 So a feedforward layer, and the backward of a recurrent one, issue a fixed number of ops
 whatever T and d. A recurrent layer (detached spikes) then loops over blocks, a fixed number of
 ops each: it adds ``beta^tau R_k`` to block k's feedforward membrane, and which neurons fired
 gives ``R_{k+1} = W m_k + b``; in the backward ``dL/dR_k`` is the adjoint at block k's first step.
 
-Layout. The matmuls are batched over neurons, so the kernel works in a neuron-major layout
-(N, K, B, P): K blocks, each padded with zeros to P = M c steps (the remainder block too, so all
-blocks run at once). Padding follows a block's last step, so the causal filter never lets it
-reach a real step; its spikes are dropped. Moving the (T, B, N) current into that layout and the
-spikes back (and the gradients, in the backward) are transposing copies, one memory-bound op
-each: the price of a per-neuron Toeplitz, which cannot be a matmul over the time-major layout
-without one. On a GPU, where the number of launches sets the time of small steps, that is the
-better trade (not yet measured on one); on a CPU the loop kernel (``block_kernel``), which needs
-no copy, is 1.3-1.7x faster per layer (README, Speed), so ``kernel="auto"`` keeps it there.
+Layout. The membrane matmuls are batched over neurons, so they work in a neuron-major layout
+(N, K, B, P): K blocks, each padded with zeros to P = M c steps (P = L for one chunk). Padding
+follows a block's last step, so the causal filter never lets it reach a real step; its spikes
+are dropped. Moving the (T, B, N) current into that layout and the adjoint back are transposing
+copies, one memory-bound op each: the price of a per-neuron Toeplitz. Counted at dispatch level
+(``experiments/kernel_passes.py``), the neuron part of a feedforward layer's forward + backward
+moves about 29 passes over the (T, B, N) current at the SHD shape (55 before this layout of the
+work); on a CPU the loop kernel (``block_kernel``), which needs no copy, is faster per layer
+(README, Speed), so ``kernel="auto"`` keeps it there.
 """
 
 from __future__ import annotations
