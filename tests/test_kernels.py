@@ -44,6 +44,7 @@ def deterministic_cuda():
     finally:
         torch.use_deterministic_algorithms(old)
 
+
 LONG = [  # (B, N, T, d): long blocks, remainders of every kind
     (2, 5, 300, 2),
     (1, 4, 301, 3),
