@@ -82,6 +82,12 @@ def check_config(cfg: Mapping) -> None:
         )
     if epochs not in (None, -1):
         _int_at_least("trainer.max_epochs", epochs, 1)
+    if str(trainer.get("precision")) == "16-true":
+        raise ConfigError(
+            "trainer.precision=16-true is not supported: float16 weights make Adam's update "
+            "NaN (its eps 1e-8 is 0 in float16); use trainer.precision=16-mixed (float32 "
+            "weights, float16 projections) or bf16-true"
+        )
     selection = cfg.get("selection") or {}
     if selection.get("monitor") not in MONITORS:
         raise ConfigError(

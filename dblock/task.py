@@ -19,6 +19,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from dblock.files import atomic_write
+from dblock.functional.precision import check_matmul_precision, set_cuda_matmul_precision
 
 STAGES = ("train", "val", "test")
 log = logging.getLogger(__name__)
@@ -44,9 +45,13 @@ class SNNTask(pl.LightningModule):
         lr: float = 1e-3,
         milestones: Sequence[int] = (30, 60, 90),
         gamma: float = 0.1,
+        matmul_precision: str = "highest",
     ) -> None:
         super().__init__()
+        check_matmul_precision(matmul_precision)
         self.save_hyperparameters(ignore=["model"])
+        self.matmul_precision = matmul_precision
+        self._restore_matmuls = None
         self.model = model
         self.acc = nn.ModuleDict(
             {f"{s}_acc": MulticlassAccuracy(num_classes=n_classes, average="micro") for s in STAGES}
@@ -62,6 +67,17 @@ class SNNTask(pl.LightningModule):
 
     def forward(self, x: Tensor):
         return self.model(x)
+
+    def setup(self, stage: str) -> None:
+        """CUDA's float32 matmuls as ``matmul_precision`` says (``high``: TF32 projections, a
+        numerics choice; ``highest``, the default: IEEE float32), until ``teardown``."""
+        if self._restore_matmuls is None and self.matmul_precision != "highest":
+            self._restore_matmuls = set_cuda_matmul_precision(self.matmul_precision)
+
+    def teardown(self, stage: str) -> None:
+        if self._restore_matmuls is not None:
+            self._restore_matmuls()
+            self._restore_matmuls = None
 
     def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
         x, y = batch

@@ -11,10 +11,12 @@ SHD point, the whole training step (``experiments/bench_step.py``: the batch bui
 datamodule, the floor on that batch, then model + loss + Adam for d-block and standard; with
 dense batches as scope ``step`` and sparse ones, through the event-driven projection, as scope
 ``step_sparse``). Also
-the peak memory of one call, and the ATen ops one call issues (``aten_ops``, a proxy for GPU
-launches; ``dblock`` runs the kernel ``auto`` picks for the device, ``dblock_loop`` /
-``dblock_chunked`` name one, e.g. ``--impls dblock_chunked`` on the CPU counts the ops of the
-GPU's kernel). Rows are appended to a CSV as each point finishes; rows already there are
+the peak memory of one call, and what one call launches and moves, counted at dispatch level
+(``experiments/dispatch_count.py``): ``launching_ops`` (ops that launch a kernel, a proxy for GPU
+launches) and ``bytes_moved`` (their inputs' and outputs' bytes, a proxy for a GPU's memory
+traffic); ``dblock`` runs the kernel ``auto`` picks for the device, ``dblock_loop`` /
+``dblock_chunked`` name one, e.g. ``--impls dblock_chunked`` on the CPU counts the ops and bytes
+of the GPU's kernel. Rows are appended to a CSV as each point finishes; rows already there are
 skipped (resumable). glibc's allocator is tuned as ``run.py`` tunes it (``dblock/runtime.py``)
 unless ``--default-malloc``.
 
@@ -51,10 +53,12 @@ from experiments.bench_impls import (  # noqa: E402
 )
 from experiments.bench_step import INPUTS, StepPoint  # noqa: E402
 from experiments.bench_step import SCOPES as STEP_SCOPES  # noqa: E402
+from experiments.dispatch_count import count_call  # noqa: E402
 
 log = logging.getLogger("bench_speed")
 COLUMNS = (
-    "panel,mode,impl,scope,d,t_len,n_hidden,n_in,batch,device,time_ms,peak_mem_mb,aten_ops"
+    "panel,mode,impl,scope,d,t_len,n_hidden,n_in,batch,device,time_ms,peak_mem_mb,"
+    "launching_ops,bytes_moved"
 ).split(",")
 KEY = COLUMNS[:10]
 D_VALUES = (5, 10, 15, 20, 25, 30)
@@ -119,19 +123,16 @@ def peak_memory_mb(go: Callable[[], None], device: str) -> float:
     return peak / 2**20
 
 
-def aten_ops_of(go: Callable[[], None]) -> int:
-    """ATen ops one call of ``go`` issues: the leaf ``aten::`` events the torch profiler records
-    on the host (a proxy for GPU kernel launches). Call after a warm-up."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        go()
-    return sum(1 for e in prof.events() if not e.cpu_children and e.name.startswith("aten::"))
+def dispatch_counts(go: Callable[[], None]) -> tuple[int, int]:
+    """(launching ops, bytes moved) of one call of ``go``, counted at dispatch level
+    (``experiments/dispatch_count.py``). Call after a warm-up."""
+    count = count_call(go)
+    return count.ops, count.bytes
 
 
-def count_aten_ops(fn, arg: torch.Tensor, params: list[torch.Tensor]) -> int:
-    """ATen ops one forward + backward of ``fn(arg).sum()`` issues (see ``aten_ops_of``)."""
-    return aten_ops_of(partial(run_once, fn, arg, params))
+def count_launching_ops(fn, arg: torch.Tensor, params: list[torch.Tensor]) -> tuple[int, int]:
+    """(launching ops, bytes moved) of one forward + backward of ``fn(arg).sum()``."""
+    return dispatch_counts(partial(run_once, fn, arg, params))
 
 
 def point_cases(args, mode: str, n_in: int, n: int, t_len: int, panel: str) -> list[tuple]:
@@ -206,11 +207,11 @@ def measure_point(
     for case, go in runners.items():
         impl, scope, d = case
         mem = peak_memory_mb(go, device) if args.memory else float("nan")
-        # the profiler's event list for the paper-style loop grows as T^2 (about 3 GB at T 200):
-        # its ops are not counted
-        ops = "" if impl == "paper_style" else aten_ops_of(go)
+        ops, moved = dispatch_counts(go)
         ms = times[case] * 1e3
-        rows.append(base + [impl, scope, d or ""] + key_tail + [f"{ms:.3f}", f"{mem:.2f}", ops])
+        rows.append(
+            base + [impl, scope, d or ""] + key_tail + [f"{ms:.3f}", f"{mem:.2f}", ops, moved]
+        )
     return rows
 
 

@@ -5,7 +5,8 @@
 For every (panel, mode, t_len, n_hidden, device): the d-block layer over the floor, the speedup
 of the d-block over dblock's standard layer (whole layer and neurons only: standard time /
 d-block time), each other implementation's whole-layer time over the d-block's, peak memory, and
-the ATen ops per fwd+bwd of the d-block layer and the standard one (CSVs that have them). When
+the launching ops per fwd+bwd of the d-block layer and the standard one, and the d-block layer's
+bytes moved over the floor's (CSVs that have them; ``aten_ops`` in older CSVs). When
 the CSV holds both d-block kernels (``--impls dblock_loop,dblock_chunked``), a table compares
 them: chunked time / loop time, layer and neurons only, and their op counts. Where the CSV has
 the whole-step scope, a table of each training step over the floor (dense ``nn.Linear`` on the
@@ -26,7 +27,7 @@ OTHERS = ("paper_style", "snntorch", "norse", "norse_compiled", "spikingjelly")
 
 def load(path: str) -> dict:
     """{(panel, mode, t_len, n_hidden, device): {(impl, scope, d): (time_ms, peak_mem_mb,
-    aten_ops or None)}}."""
+    launching ops or None, bytes moved or None)}}."""
     points: dict = defaultdict(dict)
     with open(path) as f:
         for r in csv.DictReader(f):
@@ -34,9 +35,14 @@ def load(path: str) -> dict:
             points[key][(r["impl"], r["scope"], r["d"])] = (
                 float(r["time_ms"]),
                 float(r["peak_mem_mb"]),
-                int(r["aten_ops"]) if r.get("aten_ops") else None,
+                _int(r.get("launching_ops", r.get("aten_ops"))),
+                _int(r.get("bytes_moved")),
             )
     return points
+
+
+def _int(text: str | None) -> int | None:
+    return int(text) if text else None
 
 
 def _fmt(x: float | None, digits: int = 2) -> str:
@@ -48,12 +54,13 @@ def table(points: dict) -> str:
     head = (
         "| panel | mode | T | n | d | floor ms | dblock layer/floor | speedup layer | "
         "speedup neurons | " + " | ".join(f"{o}/dblock" for o in OTHERS) + " | mem dblock/std |"
-        " ops dblock | ops std |"
+        " ops dblock | ops std | bytes dblock/floor |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for key in sorted(points):
         cases = points[key]
-        floor = cases.get(("floor", "layer", ""), (None, None))[0]
+        floor_case = cases.get(("floor", "layer", ""))
+        floor = floor_case[0] if floor_case else None
         std = cases.get(("standard", "layer", ""))
         std_n = cases.get(("standard", "neurons", ""))
         ds = sorted(
@@ -73,7 +80,8 @@ def table(points: dict) -> str:
                 f"{_fmt(lay[0] / floor if lay and floor else None, 3)} | "
                 f"{_fmt(ratio(std, lay))} | {_fmt(ratio(std_n, neu))} | "
                 + " | ".join(_fmt(o) for o in others)
-                + f" | {_fmt(mem)} | {_ops(lay)} | {_ops(std)} |"
+                + f" | {_fmt(mem)} | {_ops(lay)} | {_ops(std)} | "
+                f"{_bytes_ratio(lay, floor_case)} |"
             )
     return "\n".join(lines)
 
@@ -111,6 +119,13 @@ def step_table(points: dict) -> str:
     if not lines:
         return ""
     return "\n".join([head, "|" + "---|" * (head.count("|") - 1), *lines])
+
+
+def _bytes_ratio(case: tuple | None, floor: tuple | None) -> str:
+    """The bytes moved of ``case`` over the floor's, or "-"."""
+    if not case or not floor or not case[3] or not floor[3]:
+        return "-"
+    return f"{case[3] / floor[3]:.2f}"
 
 
 def _ops(case: tuple | None) -> str:

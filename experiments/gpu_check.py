@@ -14,7 +14,8 @@ In order, each section's rows going into one CSV and one markdown table under ``
    16-mixed (the CPU: float32 and bf16-mixed).
 3. ``fig3``: the Fig. 3 points T in {512, 2048} x d in {5, 10, 30}, feedforward and recurrent
    (batch 128, 1000 -> 100): the d-block layer (kernel ``auto``) against dblock's standard layer,
-   with the paper's speedup (Fig. 3a, feedforward) as the target, and the ATen ops per fwd+bwd.
+   with the paper's speedup (Fig. 3a, feedforward) as the target, the launching ops and bytes moved
+   per fwd+bwd (``experiments/dispatch_count.py``) and the bytes over the floor's.
 4. ``shd_layer``: one SHD-shaped layer (batch 128, 700 -> 128, T 500, d 10) against its
    projection floor (target: <= 1.3x) and against snnTorch / Norse (compiled) when installed.
 5. ``shd_step``: the whole training step of the SHD network (layer, readout, cross-entropy,
@@ -54,7 +55,7 @@ from dblock.files import atomic_write  # noqa: E402
 from dblock.models import SNNClassifier  # noqa: E402
 from experiments.bench_impls import PEERS, build, train_step, warmed_up  # noqa: E402
 from experiments.bench_speed import (  # noqa: E402
-    aten_ops_of,
+    dispatch_counts,
     interleaved_medians,
     poisson_input,
     run_once,
@@ -64,8 +65,8 @@ from experiments.paper_values import FIG3A  # noqa: E402
 
 log = logging.getLogger("gpu_check")
 COLUMNS = [
-    "section", "case", "mode", "t_len", "d", "time_ms", "aten_ops",
-    "speedup", "paper", "over_floor", "result", "target", "met",
+    "section", "case", "mode", "t_len", "d", "time_ms", "launching_ops", "bytes_moved",
+    "speedup", "paper", "over_floor", "bytes_over_floor", "result", "target", "met",
 ]  # fmt: skip
 SECTIONS = ("tests", "train", "fig3", "shd_layer", "shd_step")
 MODES = ("feedforward", "recurrent")
@@ -182,13 +183,13 @@ def run_training(sizes: Sizes, device: str, out: Path) -> list[dict]:
 
 
 def _timed(calls: dict, device: str, sizes: Sizes) -> dict:
-    """{key: (median ms, aten ops)} for ``calls`` {key: zero-argument callable}: warmed up, then
-    timed in interleaved rounds."""
+    """{key: (median ms, launching ops, bytes moved)} for ``calls`` {key: zero-argument
+    callable}: warmed up, then timed in interleaved rounds."""
     for go in calls.values():
         for _ in range(sizes.warmup):
             go()
     medians = interleaved_medians(calls, sizes.rounds, device)
-    return {k: (medians[k] * 1e3, aten_ops_of(go)) for k, go in calls.items()}
+    return {k: (medians[k] * 1e3, *dispatch_counts(go)) for k, go in calls.items()}
 
 
 def layer_runner(impl: str, d: int | None, x, **shape) -> Callable[[], None]:
@@ -210,10 +211,12 @@ def fig3(sizes: Sizes, device: str) -> list[dict]:
             for d in sizes.d_values:
                 cases[("dblock", d)] = make("dblock", d)
             timed = _timed(cases, device, sizes)
-            std_ms, floor_ms = timed[("standard", None)][0], timed[("floor", None)][0]
-            for (impl, d), (ms, ops) in timed.items():
+            std_ms = timed[("standard", None)][0]
+            floor_ms, _, floor_bytes = timed[("floor", None)]
+            for (impl, d), (ms, ops, moved) in timed.items():
                 r = row("fig3", impl, mode=mode, t_len=t_len, d=d, time_ms=_fmt(ms, 3))
-                r.update(aten_ops=ops, over_floor=_fmt(ms / floor_ms))
+                r.update(launching_ops=ops, bytes_moved=moved, over_floor=_fmt(ms / floor_ms))
+                r["bytes_over_floor"] = _fmt(moved / floor_bytes)
                 if impl == "dblock":
                     speedup = std_ms / ms
                     want = FIG3A.get(d, {}).get(t_len) if mode == "feedforward" else None
@@ -244,10 +247,11 @@ def shd_layer(sizes: Sizes, device: str) -> list[dict]:
             if go is not None:
                 cases[peer] = go
         timed = _timed(cases, device, sizes)
-        floor_ms, db_ms = timed["floor"][0], timed["dblock"][0]
-        for impl, (ms, ops) in timed.items():
+        (floor_ms, _, floor_bytes), db_ms = timed["floor"], timed["dblock"][0]
+        for impl, (ms, ops, moved) in timed.items():
             r = row("shd_layer", impl, mode=mode, t_len=t_len, d=d if impl == "dblock" else None)
-            r.update(time_ms=_fmt(ms, 3), aten_ops=ops, over_floor=_fmt(ms / floor_ms))
+            r.update(time_ms=_fmt(ms, 3), launching_ops=ops, bytes_moved=moved)
+            r.update(over_floor=_fmt(ms / floor_ms), bytes_over_floor=_fmt(moved / floor_bytes))
             if impl == "dblock" and judge:
                 r.update(target="<= 1.30 x floor", met="yes" if ms <= 1.3 * floor_ms else "no")
             elif impl in PEERS:
@@ -290,10 +294,11 @@ def shd_step(sizes: Sizes, device: str) -> list[dict]:
             for k, net in nets.items()
         }
         timed = _timed(cases, device, sizes)
-        floor_ms = timed["floor"][0]
-        for case, (ms, ops) in timed.items():
+        floor_ms, _, floor_bytes = timed["floor"]
+        for case, (ms, ops, moved) in timed.items():
             r = row("shd_step", f"{case}, {precision}", t_len=t_len, time_ms=_fmt(ms, 3))
-            r.update(aten_ops=ops, over_floor=_fmt(ms / floor_ms))
+            r.update(launching_ops=ops, bytes_moved=moved, over_floor=_fmt(ms / floor_ms))
+            r["bytes_over_floor"] = _fmt(moved / floor_bytes)
             r["d"] = d if case != "floor" else None
             rows.append(r)
     return rows

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 
 import pytest
+import torch
 
 from experiments import bench_speed, bench_summary
 
@@ -48,12 +49,12 @@ def test_bench_speed_quick_writes_and_resumes(tmp_path, capsys):
     assert {r["d"] for r in rows if r["impl"] == "dblock_chunked"} == {"2", "4"}
     assert all(r["d"] == "" for r in rows if not r["impl"].startswith("dblock"))
     assert all(float(r["time_ms"]) > 0 and float(r["peak_mem_mb"]) >= 0 for r in rows)
-    assert all(int(r["aten_ops"]) > 0 for r in rows if r["impl"] != "paper_style")
-    assert all(r["aten_ops"] == "" for r in rows if r["impl"] == "paper_style")
+    assert all(int(r["launching_ops"]) > 0 and int(r["bytes_moved"]) > 0 for r in rows)
     n_rows = len(rows)
     bench_summary.main([str(out)])
     summary = capsys.readouterr().out
     assert "ops dblock" in summary and "chunked/loop layer" in summary
+    assert "bytes dblock/floor" in summary
     bench_speed.main(argv)  # resumable: nothing left to do, no duplicate rows
     with out.open() as f:
         assert len(list(csv.DictReader(f))) == n_rows
@@ -67,3 +68,28 @@ def test_bench_speed_refuses_a_csv_with_other_columns(tmp_path):
     out.write_text("panel,mode,impl,scope,d,t_len,n_hidden,n_in,batch,device,time_ms,peak_mem_mb\n")
     with pytest.raises(SystemExit, match="another version"):
         bench_speed.main(["--quick", "--out", str(out)])
+
+
+def test_dispatch_count_counts_kernels_and_their_bytes():
+    """Views, allocations and metadata launch nothing; an op's bytes are its inputs' and
+    outputs'; in place reads and writes; ``copy_`` and ``out=`` only write; a broadcast scalar
+    is one value."""
+    from experiments.dispatch_count import count_call
+
+    x = torch.ones(8, 4)  # 128 bytes
+    out = torch.empty(8, 4)
+
+    def go():
+        v = x.view(-1)[:5].unsqueeze(0).t()  # views only
+        torch.empty_like(x)
+        y = x * 2.0  # 1 op: 128 in, 128 out
+        y.add_(x)  # in place: y read and written, x read
+        torch.add(x, x, out=out)  # x twice, out written once
+        out.copy_(y)  # y read, out written
+        torch.ones(()).expand(8, 4) + y  # the expanded scalar moves 4 bytes
+        return v
+
+    count = count_call(go)
+    assert count.ops == 6  # mul, add_, add, copy_, ones (a fill), add
+    assert count.bytes == 256 + 384 + 384 + 256 + 4 + (4 + 128 + 128)
+    assert count.by_op["add_"] == [1, 384]

@@ -6,6 +6,8 @@ from functools import partial
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from dblock import functional as F
 from dblock.functional import reference as R
@@ -220,3 +222,94 @@ def test_unknown_reduce():
     current, beta, _, _ = make(1, 2, 5)
     with pytest.raises(ValueError, match="sum, max"):
         F.leaky_readout(current, beta, None, "mean")
+
+
+@pytest.mark.parametrize("d", [None, 3, 7])
+def test_readout_needs_no_float_cumsum_under_deterministic_algorithms(d):
+    """The readout runs in every forward: its step weights came from a float cumsum (and the
+    backward of a cumprod, another), which CUDA refuses under deterministic algorithms."""
+    from tests.test_kernels import deterministic_cuda
+
+    current, beta, weight, bias = make(3, 4, 20)
+    spikes = (current.detach() > 0.3).double().requires_grad_()
+    inputs = [current, beta, spikes, weight, bias]
+
+    def go():
+        logits = F.leaky_readout(current, beta, d) + projected_readout(
+            spikes, weight, bias, beta, d
+        )
+        return logits, torch.autograd.grad(logits.square().sum(), inputs)
+
+    with deterministic_cuda():
+        got, got_g = go()
+    want, want_g = go()
+    torch.testing.assert_close(got, want)
+    for g, w in zip(got_g, want_g, strict=True):
+        torch.testing.assert_close(g, w)
+
+
+SYNC_OPS = {"_local_scalar_dense", "nonzero", "unique", "_unique2", "unique_consecutive",
+            "bincount", "repeat_interleave", "masked_select", "item"}  # fmt: skip
+
+
+@pytest.mark.parametrize("kernel_name", ["loop", "chunked"])
+def test_no_host_sync_in_the_forward_and_backward(kernel_name):
+    """No op whose result the host must wait for (``.item()``, ``nonzero``, ``bincount``, ...)
+    in a forward + backward of the functional layer: d-block (feedforward, detached and
+    attached recurrence), LIF, readout (sum and max), the event-driven projection. On a GPU each
+    would stall the host until the device catches up. The readout copied an index to the
+    device in every forward; the sparse projection's ``bincount`` read its largest index."""
+    from dblock.functional.events import event_linear
+    from experiments.dispatch_count import DispatchCount
+
+    current, beta, weight, bias = make(2, 5, 30, seed=4)
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(30, 2, 7, generator=g, dtype=torch.float64) < 0.2).double().to(DEVICE)
+    x_sparse = x.to_sparse_coo().coalesce()
+    w_in = torch.randn(5, 7, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
+    with DispatchCount() as count:
+        out = 0
+        for kw in ({}, dict(recurrent_weight=weight, recurrent_bias=bias),
+                   dict(recurrent_weight=weight, detach_recurrent=False)):  # fmt: skip
+            out = out + F.dblock_neurons(current, beta, 4, kernel=kernel_name, **kw).sum()
+        out = out + F.lif_neurons(current, beta, weight, bias).sum()
+        for reduce in ("sum", "max"):
+            out = out + F.leaky_readout(current, beta, 4, reduce).sum()
+            out = out + projected_readout(current, weight, bias, beta, 4, reduce).sum()
+        out = out + event_linear(x_sparse, w_in, None).sum()
+        out.backward()
+    assert count.ops > 50
+    assert not SYNC_OPS & set(count.by_op), sorted(SYNC_OPS & set(count.by_op))
+
+
+class _HostTensors(TorchDispatchMode):
+    """Records the ops that read or make a CPU tensor (run on ``meta`` tensors: any CPU tensor
+    is one the host made and a GPU would have to receive)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        flat = tree_flatten((args, kwargs, out))[0]
+        if any(isinstance(x, torch.Tensor) and x.device.type == "cpu" for x in flat):
+            self.ops.append(func.overloadpacket.__name__)
+        return out
+
+
+@pytest.mark.parametrize("kernel_name", ["loop", "chunked"])
+def test_nothing_is_made_on_the_host_in_a_forward(kernel_name, monkeypatch):
+    """Every index and constant of a forward + backward is made on the inputs' device: the
+    readout built its step index on the host and copied it to the device in every forward.
+    (The ``meta`` device has no autocast: the test gives it the CPU's.)"""
+    enabled, autocast = torch.is_autocast_enabled, torch.autocast
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda kind: enabled("cpu"))
+    monkeypatch.setattr(torch, "autocast", lambda kind, **kw: autocast("cpu", **kw))
+    current, beta, weight, bias = (x.detach().to("meta").requires_grad_() for x in make(2, 5, 30))
+    with _HostTensors() as host:
+        out = F.dblock_neurons(current, beta, 4, weight, bias, kernel=kernel_name).sum()
+        out = out + F.leaky_readout(current, beta, 4).sum()
+        out = out + projected_readout(current, weight, bias, beta, 7).sum()
+        out.backward()
+    assert host.ops == []

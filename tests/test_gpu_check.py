@@ -27,7 +27,9 @@ def test_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
     for mode in gpu_check.MODES:
         cases = {(r["case"], r["d"]) for r in by["fig3"] if r["mode"] == mode}
         assert cases == {("floor", ""), ("standard", ""), ("dblock", "2"), ("dblock", "4")}
-    assert all(float(r["time_ms"]) > 0 and int(r["aten_ops"]) > 0 for r in by["fig3"])
+    assert all(float(r["time_ms"]) > 0 and int(r["launching_ops"]) > 0 for r in by["fig3"])
+    assert all(int(r["bytes_moved"]) > 0 for r in by["fig3"] + by["shd_layer"])
+    assert all(float(r["bytes_over_floor"]) > 1 for r in by["shd_layer"] if r["case"] == "dblock")
     assert all(float(r["speedup"]) > 0 for r in by["fig3"] if r["case"] == "dblock")
     assert {r["case"] for r in by["shd_layer"]} >= {"floor", "dblock"}
     assert len(by["shd_step"]) == 6 and all(float(r["over_floor"]) > 0 for r in by["shd_step"])

@@ -2,15 +2,48 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from functools import partial
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dblock import functional as F
 from dblock.functional import reference as R
 from dblock.functional.block_kernel import block_groups
 from tests.conftest import DEVICE
+
+
+class CudaDeterminism(TorchDispatchMode):
+    """CUDA's refusal under ``torch.use_deterministic_algorithms(True)``, on any device: a float
+    ``cumsum`` raises (CUDA has no deterministic scan for it; ``trainer.deterministic=true``).
+    Use as ``with deterministic_cuda(): ...``."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if (
+            func.overloadpacket in (torch.ops.aten.cumsum, torch.ops.aten.cumsum_)
+            and torch.are_deterministic_algorithms_enabled()
+            and (args[0].is_floating_point() or kwargs and kwargs.get("dtype") in FLOATS)
+        ):
+            raise RuntimeError("cumsum_cuda_kernel does not have a deterministic implementation")
+        return func(*args, **(kwargs or {}))
+
+
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@contextmanager
+def deterministic_cuda():
+    """Deterministic algorithms on, with ``CudaDeterminism`` refusing what CUDA refuses."""
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with CudaDeterminism():
+            yield
+    finally:
+        torch.use_deterministic_algorithms(old)
+
 
 LONG = [  # (B, N, T, d): long blocks, remainders of every kind
     (2, 5, 300, 2),
@@ -120,3 +153,22 @@ def test_block_groups():
     assert block_groups(F.block_lengths(11, 4)) == [(0, 4, 2), (8, 1, 3)]
     assert block_groups(F.block_lengths(10, 4)) == [(0, 5, 2)]  # remainder as long as L
     assert block_groups(F.block_lengths(7, 7)) == [(0, 7, 1)]
+
+
+@pytest.mark.parametrize("recurrent", [False, True])
+def test_deterministic_algorithms_need_no_float_cumsum(kernel, recurrent):
+    """``trainer.deterministic=true`` on a GPU: a float cumsum raises there, and the chunked
+    backward used two (the straight-through running sums). Forward and backward run under
+    the emulated refusal and give the gradients of the unrestricted run."""
+    current, beta, weight, bias = make(2, 5, 97, seed=7)
+    kw = dict(recurrent_weight=weight, recurrent_bias=bias) if recurrent else {}
+    fn = partial(F.dblock_neurons, current, beta, 10, kernel=kernel, **kw)
+    inputs = [current, beta] + ([weight, bias] if recurrent else [])
+    with deterministic_cuda():
+        spikes = fn()
+        got = torch.autograd.grad(spikes.sum() + (spikes * current).sum(), inputs)
+    want_spikes = fn()
+    want = torch.autograd.grad(want_spikes.sum() + (want_spikes * current).sum(), inputs)
+    assert torch.equal(spikes, want_spikes)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)

@@ -94,3 +94,62 @@ def test_bf16_mixed_training_close_to_float32(tmp_path):
     assert dtypes16 == {torch.bfloat16}  # Lightning's bf16-mixed autocasts the projections
     assert acc32 > 0.5  # learned well beyond chance (0.1)
     assert abs(acc16 - acc32) <= 0.05, (acc16, acc32)
+
+
+def test_bf16_true_trains_on_dense_input(tmp_path):
+    """``trainer.precision=bf16-true`` with dense batches (the GPU default) stopped at the first
+    step: "mat1 and mat2 must have the same dtype, but got Float and BFloat16" (float32 spikes
+    into bfloat16 weights). The projection casts the 0/1 spikes to its weights' dtype."""
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    pl.seed_everything(0, verbose=False)
+    dm = BurstsDataModule(
+        tmp_path, n_train=128, n_test=64, batch_size=32, val_fraction=0.0, input="dense"
+    )
+    net = SNNClassifier(n_in=64, n_hidden=16, n_classes=10, d=10, t_len=100)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        precision="bf16-true",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    task = SNNTask(net, n_classes=10, lr=0.01)
+    trainer.fit(task, datamodule=dm)
+    assert net.hidden[0].projection.weight.dtype == torch.bfloat16
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+def test_16_true_is_refused_with_one_line(tmp_path):
+    """float16 weights with Adam (eps 1e-8 is 0 in float16) turn the loss NaN in the first
+    epoch: ``16-true`` is refused before training, naming what to use instead."""
+    from dblock.config_check import ConfigError, check_config
+    from tests.test_reliability import composed
+
+    check_config(composed(tmp_path, "trainer.precision=bf16-true"))
+    with pytest.raises(ConfigError, match=r"trainer.precision=16-true .*16-mixed.*bf16-true"):
+        check_config(composed(tmp_path, "trainer.precision=16-true"))
+
+
+def test_matmul_precision_high_allows_tf32_during_the_run_only(tmp_path):
+    """``task.matmul_precision=high``: CUDA's float32 matmuls (the projections) may run in
+    TF32 from setup to teardown, set through the per-backend API; ``highest`` (the default)
+    touches nothing; anything else is refused naming the valid values."""
+    from dblock.config_check import check_config
+    from tests.test_reliability import composed
+
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    net = SNNClassifier(n_in=4, n_hidden=3, n_classes=2, d=2, t_len=8)
+    task = SNNTask(net, n_classes=2, matmul_precision="high")
+    task.setup("fit")
+    assert matmul.fp32_precision == "tf32"
+    task.teardown("fit")
+    assert matmul.fp32_precision == before
+    default = SNNTask(net, n_classes=2)
+    default.setup("fit")
+    assert matmul.fp32_precision == before
+    with pytest.raises(ValueError, match="unknown matmul_precision 'tf32'; valid: highest, high"):
+        SNNTask(net, n_classes=2, matmul_precision="tf32")
+    check_config(composed(tmp_path, "task.matmul_precision=high"))

@@ -64,10 +64,17 @@ def event_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tenso
     for size in lead:
         n_rows *= size
     offsets = torch.zeros(n_rows + 1, dtype=torch.long, device=x.device)
-    torch.cumsum(torch.bincount(rows, minlength=n_rows), 0, out=offsets[1:])
+    torch.cumsum(_counts(rows, n_rows), 0, out=offsets[1:])
     with torch.autocast(device, enabled=False):
         out = _EventLinear.apply(indices[-1], rows, offsets, values, weight, bias)
     return out.view(*lead, weight.shape[0])
+
+
+def _counts(index: Tensor, size: int) -> Tensor:
+    """How often each of ``0 .. size-1`` occurs in ``index``, (size,) int64: ``bincount`` without
+    its host sync (on CUDA it reads the largest index back to size its output)."""
+    counts = torch.zeros(size, dtype=torch.long, device=index.device)
+    return counts.scatter_add_(0, index.long(), torch.ones_like(index, dtype=torch.long))
 
 
 def _unit_index(units: Tensor, n_in: int) -> Tensor:
@@ -103,7 +110,7 @@ class _EventLinear(torch.autograd.Function):
             n_in = weight.shape[1]
             order = torch.argsort(_unit_index(units, n_in), stable=True)
             per_unit = torch.zeros(n_in + 1, dtype=torch.long, device=units.device)
-            torch.cumsum(torch.bincount(units, minlength=n_in), 0, out=per_unit[1:])
+            torch.cumsum(_counts(units, n_in), 0, out=per_unit[1:])
             grad_weight = F.embedding_bag(
                 rows.index_select(0, order),  # (index_select: several times faster than [])
                 grad_out,

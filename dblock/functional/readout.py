@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dblock.functional.block_kernel import decay_powers
 from dblock.functional.blocks import block_lengths
-from dblock.functional.precision import HALF, float32_dynamics
+from dblock.functional.precision import HALF, float32_dynamics, ieee_matmuls
 
 REDUCTIONS = ("sum", "max")
 
@@ -90,7 +89,30 @@ def _sum_weights(beta: Tensor, lengths: list[int]) -> Tensor:
     """Weight (T, C) of each input step in ``sum_t U_t``.
 
     An input at step s of a block that ends at step e contributes ``sum_{k=0}^{e-s} beta^k``.
+    The partial sums are a matmul with a lower-triangular matrix of ones, not a cumulative sum
+    (nor the cumulative product, whose backward is one): CUDA refuses a float cumsum under
+    deterministic algorithms (``trainer.deterministic=true``). Every tensor is made on
+    ``beta``'s device, so nothing waits for a host-to-device copy.
     """
-    partial = decay_powers(beta, max(lengths)).cumsum(0)  # (L, C): sum_{k<=m} beta^k
-    to_end = torch.cat([torch.arange(n - 1, -1, -1) for n in lengths]).to(beta.device)
-    return partial[to_end]
+    longest = max(lengths)
+    steps = torch.arange(longest, dtype=beta.dtype, device=beta.device).unsqueeze(1)
+    with ieee_matmuls():
+        partial = _ones_below(longest, beta) @ beta.pow(steps)  # (L, C): sum_{k<=m} beta^k
+    length, n_full = lengths[0], len(lengths) - (lengths[-1] != lengths[0])
+    to_end = partial[:length].flip(0)  # row s: the weight of step s of a full block
+    parts = [to_end.repeat(n_full, 1) if n_full > 1 else to_end]
+    if n_full < len(lengths):  # the remainder block, shorter or longer
+        parts.append(partial[: lengths[-1]].flip(0))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+_ONES_BELOW: dict[tuple, Tensor] = {}
+
+
+def _ones_below(size: int, like: Tensor) -> Tensor:
+    """(size, size) lower-triangular ones of ``like``'s dtype and device; cached."""
+    key = (size, like.dtype, str(like.device))
+    if key not in _ONES_BELOW:
+        ones = torch.ones(size, size, dtype=like.dtype, device=like.device)
+        _ONES_BELOW[key] = ones.tril_()
+    return _ONES_BELOW[key]

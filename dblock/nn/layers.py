@@ -45,6 +45,9 @@ class Projection(nn.Linear):
     ``x`` a sparse COO tensor (the input spikes as events, ``x.to_dense()`` the dense batch):
     ``F.event_linear``, whose cost grows with the number of events instead of T * B * n_in
     (other sparse layouts are converted to COO first). The output is dense either way.
+    A dense ``x`` of another floating dtype than the weight (float32 spikes into the bfloat16 or
+    float16 weights of Lightning's ``bf16-true`` / ``16-true``) is cast to the weight's dtype:
+    spikes are 0 or 1, exact in every dtype.
     """
 
     def __init__(self, n_in: int, n_out: int, zero_bias: bool = True) -> None:
@@ -54,6 +57,8 @@ class Projection(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.layout == torch.strided:
+            if x.dtype != self.weight.dtype and x.is_floating_point():
+                x = x.to(self.weight.dtype)
             return super().forward(x)
         if x.layout != torch.sparse_coo:
             x = x.to_sparse_coo()
