@@ -207,7 +207,8 @@ def predict(
 
 
 def write_csv(result: Predictions, path: str | Path) -> None:
-    """``index,label,predicted,score_0..score_{C-1}`` per sample, written atomically."""
+    """Write ``result`` to the CSV file ``path`` (atomically): one row per sample,
+    ``index,label,predicted,score_0..score_{C-1}`` (``label`` empty when unknown)."""
     n_classes = result.logits.shape[1]
     lines = [",".join(["index", "label", "predicted"] + [f"score_{c}" for c in range(n_classes)])]
     pred = result.predicted
