@@ -120,7 +120,8 @@ def file_store(dm, name: str, path: Path):
         raise ConfigError(f"file={path} does not exist")
     nmnist = name == "nmnist"
     is_h5 = path.is_file() and h5py.is_hdf5(path)
-    if nmnist == is_h5 or (not nmnist and not path.is_file()):
+    bin_file = path.is_file() and path.suffix == ".bin" and not is_h5
+    if not (path.is_dir() or bin_file if nmnist else is_h5):
         want = (
             "an N-MNIST .bin file or a folder of <digit>/*.bin files"
             if nmnist
@@ -190,6 +191,11 @@ def predict(
         dm.stores[FILE_STORE] = store
         store_name, idx, source = FILE_STORE, np.arange(len(store)), str(file)
     else:
+        if not Path(dm.data_dir).is_dir():
+            raise ConfigError(
+                f"dataset.data_dir={dm.data_dir} (from the checkpoint) does not exist here; give "
+                f"dataset.data_dir=DIR, the folder that holds the {name} data"
+            )
         dm.prepare_data()
         dm.setup("predict")
         if split == "val" and len(dm.split_indices["val"][1]) == 0:

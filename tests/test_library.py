@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import dblock
+from datamodules.events import write_h5
 from dblock.config_check import ConfigError
 from dblock.models import SNNClassifier
 from dblock.nn import DBlockLayer, LIFLayer
@@ -286,3 +287,32 @@ def test_standard_snn_round_trips_through_nir(standard_run, tmp_path, reference)
     assert back.metadata["reset"] == "subtract"
     with pytest.raises(ValueError, match="d-block neuron has no NIR primitive"):
         to_nir(dblock.load_model(reference / "checkpoints" / "last.ckpt"))
+
+
+def test_predict_reads_nmnist_files_as_training_does(nmnist_dir, tmp_path):
+    from dblock.predict import main, predict
+
+    run = tmp_path / "run"
+    run_cli(["dataset=nmnist", f"paths.data_dir={nmnist_dir}", "n_hidden=8", "d=5",
+             "dataset.batch_size=8", "dataset.val_fraction=0", "selection.monitor=train/loss",
+             "selection.mode=min", "dataset.max_dropped_fraction=1", "trainer.max_epochs=1",
+             f"hydra.run.dir={run}"], tmp_path)
+    ckpt = run / "checkpoints" / "last.ckpt"
+    split = predict(ckpt, "test")
+    folder = predict(ckpt, file=nmnist_dir / "NMNIST" / "Test")  # <digit>/*.bin, labelled
+    assert split.labels.tolist() == folder.labels.tolist() == list(range(10))
+    assert torch.equal(split.logits, folder.logits)
+    one = sorted((nmnist_dir / "NMNIST" / "Test" / "3").glob("*.bin"))[0]
+    single = predict(ckpt, file=one)  # one recording, no label
+    assert single.labels is None and single.accuracy is None
+    torch.testing.assert_close(single.logits[0], split.logits[3])
+    assert main([f"ckpt_path={ckpt}", f"file={one}", f"out={tmp_path / 'one.csv'}"]) == 0
+    assert _read_csv(tmp_path / "one.csv")[0]["label"] == ""
+    h5 = tmp_path / "x.h5"
+    write_h5(h5, [np.zeros(1)], [np.zeros(1, np.int64)], np.zeros(1))
+    other = tmp_path / "x.txt"
+    other.write_bytes(b"")
+    for wrong in (h5, other):  # not N-MNIST's format
+        assert main([f"ckpt_path={ckpt}", f"file={wrong}", f"out={tmp_path / 'w.csv'}"]) == 2
+    assert not (tmp_path / "w.csv").exists()
+    assert main([f"ckpt_path={ckpt}", f"dataset.data_dir={tmp_path / 'nowhere'}"]) == 2
