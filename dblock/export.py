@@ -12,9 +12,9 @@ classifier's own ``Output`` named tuple cannot be serialised). Limits (torch 2.1
   into preallocated buffers, which autograd does not allow on an exported graph);
 - the kernel is the one ``kernel="auto"`` picks on the example's device (loop on the CPU,
   chunked on a GPU), fixed at export;
-- ``torch.jit.script`` does not compile the network (sparse layouts, named tuples, the kernels'
-  Python control flow) and ``torch.jit.trace`` fails on the d-block kernels (it traces the
-  standard SNN); TorchScript is in maintenance in torch, use ``torch.export``.
+- ``torch.jit.script`` fails on both models, and ``torch.jit.trace`` fails on the d-block
+  kernels ("Subtraction ... with a bool tensor is not supported"; it traces the standard SNN);
+  torch recommends ``torch.export`` over TorchScript.
 
 ``to_nir(net)``: the standard SNN as a NIR graph (``pip install dblock[nir]``), which snnTorch,
 Norse, SpikingJelly and neuromorphic hardware toolchains read. The d-block neuron has no NIR
