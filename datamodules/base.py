@@ -128,6 +128,23 @@ class EventDataModule(pl.LightningDataModule):
     ``input``: the batch format, ``sparse`` (a coalesced sparse COO tensor of counts), ``dense``
     or ``auto`` (sparse on the CPU, where it makes the input projection many times cheaper;
     dense on a GPU, whose dense matmul is fast).
+
+    Args:
+        data_dir: the data root (``paths.data_dir``); each dataset reads its folder under it.
+        n_in: input channels; an event's unit must be in ``[0, n_in)``.
+        n_classes: classes; a label must be in ``[0, n_classes)``.
+        t_len: T, time steps per sample; events binned at or beyond T are dropped (counted).
+        dt_ms: the bin width in ms: an event at time t goes to bin ``round(t / dt)``.
+        batch_size: samples per batch (>= 1).
+        val_fraction: held-out fraction of train, in [0, 1) (0: no validation split).
+        split_seed: seed of the stratified validation hold-out.
+        cache: keep the binned stores on disk (one ``.npz`` per split).
+        cache_dir: where; None: ``<data_dir>/cache``.
+        max_dropped_fraction: the most of a split's events that may fall beyond T, in [0, 1].
+        input: ``sparse`` | ``dense`` | ``auto`` (above).
+
+    Batches (``on_after_batch_transfer``): ``(x, y)``, ``x`` time-major (T, B, n_in) counts,
+    ``y`` (B,) int64 labels.
     """
 
     name = "events"

@@ -67,7 +67,20 @@ def generate(
 
 
 class BurstsDataModule(EventDataModule):
-    """The generated burst-order dataset in SHD layout: ``BURSTS/bursts_{train,test}.h5``."""
+    """The generated burst-order dataset in SHD layout: ``BURSTS/bursts_{train,test}.h5``.
+
+    Args:
+        data_dir: the data root; the files are generated into ``<data_dir>/BURSTS/``.
+        n_in: input channels (8 groups of ``n_in // 8``; default 64).
+        n_classes: must be 10 (5 group pairs x 2 orders).
+        t_len: T, time steps per sample (default 100).
+        dt_ms: bin width in ms (default 1: 100 ms samples).
+        n_train: samples in the generated train file (validation is held out of it).
+        n_test: samples in the generated test file.
+        data_seed: generator seed (the test file uses ``data_seed + 1``).
+        **kwargs: the ``EventDataModule`` settings (``batch_size``, ``val_fraction``,
+            ``split_seed``, ``cache``, ``cache_dir``, ``max_dropped_fraction``, ``input``).
+    """
 
     name = "bursts"
     generated = True

@@ -56,7 +56,15 @@ class DownloadUndo:
 
 
 class TonicDataModule(EventDataModule):
-    """Common part: file layout, presence check, download through tonic, cached loading."""
+    """Common part: file layout, presence check, download through tonic, cached loading.
+
+    Args:
+        data_dir: the data root holding tonic's folder (``SHD/``, ``SSC/``, ``NMNIST/``).
+        *args, **kwargs: the ``EventDataModule`` settings (``n_in``, ``n_classes``, ``t_len``,
+            ``dt_ms``, ``batch_size``, ``val_fraction``, ``split_seed``, ``cache``,
+            ``cache_dir``, ``max_dropped_fraction``, ``input``).
+        download: fetch a missing split through tonic (False: stop and say where to put it).
+    """
 
     folder = ""  # tonic's folder under save_to (the tonic class name)
     splits: tuple[str, ...] = ("train", "test")

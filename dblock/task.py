@@ -65,7 +65,22 @@ class SNNTask(pl.LightningModule):
         # resume or an evaluation can refuse a checkpoint written for another model or data
         self.run_config: dict | None = None
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None,
+                             strict=None, weights_only=True, **kwargs):
+        """The task of a ``run.py`` checkpoint, its network rebuilt from the settings the
+        checkpoint stores (``dblock.load_model``) unless ``model=`` is given. Loaded with
+        ``weights_only=True``. For inference alone, ``dblock.load_model(path)`` is simpler."""
+        if "model" not in kwargs:
+            from dblock.load import load_model
+
+            kwargs["model"] = load_model(checkpoint_path)
+        return super().load_from_checkpoint(
+            checkpoint_path, map_location, hparams_file, strict, weights_only, **kwargs
+        )
+
     def forward(self, x: Tensor):
+        """``self.model(x)``: ``Output(logits (B, C), spikes (B,))`` of ``x`` (T, B, n_in)."""
         return self.model(x)
 
     def setup(self, stage: str) -> None:

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 
 def check_d(d: int, t_len: int) -> None:
-    """Raise ``ValueError`` naming d and T unless ``1 <= d <= T``."""
+    """Raise ``ValueError`` naming d and T unless ``1 <= d <= T``.
+
+    Args:
+        d: the number of blocks (an int; a bool is refused).
+        t_len: T, the number of time steps.
+    """
     if isinstance(d, bool) or not isinstance(d, int):
         raise ValueError(f"d must be an integer number of blocks, got d={d!r} (T={t_len})")
     if not 1 <= d <= t_len:
@@ -14,7 +19,15 @@ def check_d(d: int, t_len: int) -> None:
 
 
 def block_lengths(t_len: int, d: int) -> list[int]:
-    """Lengths of the blocks: ``d`` blocks of ``floor(T / d)`` plus a remainder block if any."""
+    """Lengths of the blocks: ``d`` blocks of ``floor(T / d)`` plus a remainder block if any.
+
+    Args:
+        t_len: T, the number of time steps.
+        d: the number of blocks, ``1 <= d <= T`` (else ``ValueError``, see ``check_d``).
+
+    Returns:
+        the block lengths in time order; they sum to T.
+    """
     check_d(d, t_len)
     length = t_len // d
     lengths = [length] * d

@@ -23,7 +23,20 @@ def dblock_neurons(
     detach_recurrent: bool = True,
     scale: float = 10.0,
 ) -> Tensor:
-    """SPEC §3 simulated one step at a time. (T, B, N) -> (T, B, N)."""
+    """SPEC §3 simulated one step at a time. (T, B, N) -> (T, B, N).
+
+    Args:
+        current: input current, time-major (T, B, N).
+        beta: per-neuron decay (N,).
+        d: number of blocks, ``1 <= d <= T``.
+        recurrent_weight: (N, N) or None (feedforward).
+        recurrent_bias: (N,) or None.
+        detach_recurrent: stop the gradient through the spikes fed back between blocks.
+        scale: slope of the fast-sigmoid surrogate.
+
+    Returns:
+        spikes (T, B, N).
+    """
     t_len, batch, n = current.shape
     spikes = []
     start = 0
@@ -62,7 +75,18 @@ def lif_neurons(
     recurrent_bias: Tensor | None = None,
     scale: float = 10.0,
 ) -> Tensor:
-    """SPEC §2 one step at a time. (T, B, N) -> (T, B, N)."""
+    """SPEC §2 one step at a time. (T, B, N) -> (T, B, N).
+
+    Args:
+        current: input current, time-major (T, B, N).
+        beta: per-neuron decay (N,).
+        recurrent_weight: (N, N) or None (feedforward).
+        recurrent_bias: (N,) or None.
+        scale: slope of the fast-sigmoid surrogate.
+
+    Returns:
+        spikes (T, B, N).
+    """
     spikes = []
     v = s = None  # membrane and spikes of the previous step
     for t in range(current.shape[0]):
@@ -82,7 +106,17 @@ def lif_neurons(
 def leaky_readout(
     current: Tensor, beta: Tensor, d: int | None = None, reduce: str = "sum"
 ) -> Tensor:
-    """SPEC §4 one step at a time. (T, B, C) -> logits (B, C)."""
+    """SPEC §4 one step at a time. (T, B, C) -> logits (B, C).
+
+    Args:
+        current: readout current, time-major (T, B, C).
+        beta: per-class decay (C,).
+        d: restart the state at every block boundary of a split into ``d`` blocks; None: never.
+        reduce: ``"sum"`` or ``"max"`` over time.
+
+    Returns:
+        logits (B, C).
+    """
     t_len = current.shape[0]
     starts = {0}
     if d is not None:

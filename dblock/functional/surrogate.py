@@ -24,12 +24,21 @@ class FastSigmoidSpike(torch.autograd.Function):
 
 
 def fast_sigmoid(x: Tensor, scale: float = 10.0) -> Tensor:
-    """Spike ``H(x)`` with the fast-sigmoid surrogate gradient (SPEC §1). Any shape."""
+    """Spike ``H(x)`` with the fast-sigmoid surrogate gradient (SPEC §1). Any shape.
+
+    Args:
+        x: the membrane minus the threshold, any shape.
+        scale: slope of the surrogate: the backward is ``1 / (scale |x| + 1)^2``.
+
+    Returns:
+        0/1 spikes, same shape and dtype as ``x``.
+    """
     return FastSigmoidSpike.apply(x, scale)
 
 
 def fast_sigmoid_grad(x: Tensor, scale: float = 10.0) -> Tensor:
-    """The surrogate derivative ``dS/dx`` itself, for hand-written backward passes."""
+    """The surrogate derivative ``dS/dx = 1 / (scale |x| + 1)^2`` itself, for hand-written
+    backward passes; ``x`` any shape, the result has its shape."""
     return 1.0 / (scale * x.abs() + 1.0).square()
 
 
