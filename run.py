@@ -36,7 +36,7 @@ from dblock.config_check import (
 )
 from dblock.console import file_log, silence_library_noise
 from dblock.runtime import prepare_process
-from dblock.task import NonFiniteError, order_checkpoints
+from dblock.task import CheckpointWriteError, NonFiniteError, StopTogether, order_checkpoints
 
 log = logging.getLogger("dblock")
 CONF = Path(__file__).resolve().parent / "conf"
@@ -101,6 +101,14 @@ def run_config(cfg: DictConfig) -> dict:
         },
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "seed": cfg.seed,
+        "training": {  # what a resume must not change (runner.TRAINING_KEYS)
+            "recipe": HydraConfig.get().runtime.choices.get("recipe"),
+            "selection.monitor": cfg.selection.monitor,
+            "selection.mode": cfg.selection.mode,
+            "task.lr": cfg.task.lr,
+            "task.milestones": list(cfg.task.milestones),
+            "task.gamma": cfg.task.gamma,
+        },
     }
 
 
@@ -110,6 +118,30 @@ def load_checkpoint(path: str, task, train: bool) -> dict:
     shapes = {k: tuple(v.shape) for k, v in task.state_dict().items()}
     runner.check_checkpoint(ckpt, path, shapes, task.run_config, evaluate=not train)
     return ckpt
+
+
+def check_resume(cfg: DictConfig, path: str, ckpt: dict) -> None:
+    """A training resume continues a run of this folder, with epochs left to train.
+
+    The checkpoint callbacks find their best checkpoint in this run's folder (never where the
+    checkpoint says: dblock.task.RunCheckpoint), so a checkpoint of another folder would test
+    a best checkpoint that is not there."""
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    file = Path(path)
+    if out_dir.resolve() not in file.resolve().parents:
+        home = file.parent.parent if file.parent.name == "checkpoints" else file.parent
+        raise ConfigError(
+            f"ckpt_path={path} is not in this run's folder ({out_dir}); resume it in its own "
+            f"folder with hydra.run.dir={home}, or copy that folder (cp -a) and resume the copy "
+            "(a resume tests the best checkpoint of its own run)"
+        )
+    done, max_epochs = int(ckpt["epoch"]) + 1, cfg.trainer.max_epochs
+    if max_epochs is not None and max_epochs >= 0 and done > max_epochs:
+        raise ConfigError(
+            f"ckpt_path={path} has trained {done} epochs, more than trainer.max_epochs="
+            f"{max_epochs}; resume it with trainer.max_epochs={done} or more, or evaluate it "
+            "with train=false"
+        )
 
 
 def run_info(cfg: DictConfig) -> dict:
@@ -179,13 +211,21 @@ def watch_requeue(trainer, stop: runner.SignalStop) -> None:
         stop.watch_requeue(env.requeue_signal)
 
 
-def train_and_test(cfg: DictConfig, stop: runner.SignalStop) -> dict:
+def train_and_test(cfg: DictConfig, stop: runner.SignalStop, checked) -> dict:
+    """Build, check the checkpoint (``checked()`` once it fits: config.yaml is written then),
+    fit, test; the run's summary."""
     start = time.perf_counter()
     datamodule, task, trainer = build(cfg)
     files.remove_orphans(orphan_dirs(datamodule))
     watch_requeue(trainer, stop)
+    trainer.callbacks.append(StopTogether(stop))  # DDP: a signal to one process stops all
     ckpt_path = requeued_resume(cfg, trainer)
     ckpt = load_checkpoint(ckpt_path, task, cfg.train) if ckpt_path is not None else None
+    if ckpt is not None and cfg.train:
+        check_resume(cfg, ckpt_path, ckpt)
+        for callback in trainer.checkpoint_callbacks:  # its folder holds the run's checkpoints
+            callback.resuming = True
+    checked()
     info = run_info(cfg)
     if not cfg.train:
         metrics = trainer.test(
@@ -201,7 +241,7 @@ def train_and_test(cfg: DictConfig, stop: runner.SignalStop) -> dict:
         )
     try:
         trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    except (NonFiniteError, files.DiskFullError) as err:
+    except (NonFiniteError, files.DiskFullError, CheckpointWriteError) as err:
         return runner.summary(
             info,
             status="failed",
@@ -422,10 +462,13 @@ def main(cfg: DictConfig) -> float | None:
         # one run per run dir (rank 0 holds the lock; the other DDP processes share the dir)
         lock = files.RunLock(out_dir) if rank0 else None
         with lock or nullcontext(), runner.SignalStop() as stop:
-            if rank0:
-                write_config(out_dir, resolved, verbose)
+
+            def checked() -> None:  # the config.yaml of the run, once its checkpoint fits
+                if rank0:
+                    write_config(out_dir, resolved, verbose)
+
             try:
-                summary = train_and_test(cfg, stop)
+                summary = train_and_test(cfg, stop, checked)
             except BaseException:
                 if stop.signum is None:
                     raise
@@ -438,7 +481,7 @@ def main(cfg: DictConfig) -> float | None:
         while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
             cause = cause.__cause__
         refuse(str(cause), out_dir, was_fresh)
-    except files.DiskFullError as err:
+    except (files.DiskFullError, CheckpointWriteError) as err:
         fail(str(err), code=3, out_dir=out_dir)
     except Exception as err:  # a crash: Hydra prints the traceback, the run's log keeps a line
         file_log.error("%s: %s", type(err).__name__, first_line(err))
@@ -472,10 +515,12 @@ def write_results(out_dir: Path, summary: dict) -> None:
     """results.json, atomically; a full disk here still reports the run's own status."""
     try:
         files.write_json(out_dir / "results.json", summary)
-    except files.DiskFullError as err:
-        if summary["status"] == "ok":
+    except OSError as err:  # a full disk, a read-only or failing filesystem
+        if summary["status"] == "ok" and isinstance(err, files.DiskFullError):
             raise
-        log.error("%s", err)
+        if summary["status"] == "ok":
+            raise CheckpointWriteError(out_dir / "results.json", err) from err
+        log.error("cannot write %s: %s", out_dir / "results.json", err)
 
 
 def finish_wandb() -> None:

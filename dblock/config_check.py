@@ -30,6 +30,27 @@ class ConfigError(ValueError):
     """A setting is out of range or unknown; the message names it and the allowed values."""
 
 
+def missing_checkpoint(path: str | Path) -> str | None:
+    """Why ``path`` cannot be a checkpoint file before it is opened, or None when it can.
+
+    Checkpoints are local files: a URL is never fetched (Lightning would download it and unpickle
+    it with ``weights_only=False``), a directory is named as one."""
+    text = str(path)
+    if "://" in text:
+        return (
+            f"ckpt_path={text} is a URL; dblock loads checkpoints only from local files "
+            "(download it yourself if you trust its source, then give the file's path)"
+        )
+    file = Path(path)
+    if file.is_dir():
+        found = [file / n for n in ("last.ckpt", "checkpoints/last.ckpt") if (file / n).is_file()]
+        example = f"ckpt_path={found[0]}" if found else "a run's checkpoints/last.ckpt or best.ckpt"
+        return f"ckpt_path={text} is a directory; give the checkpoint file in it ({example})"
+    if not file.is_file():
+        return f"ckpt_path={text} does not exist; give the path of a .ckpt file"
+    return None
+
+
 def first_line(err: BaseException) -> str:
     """An exception's message as one line: its first paragraph, lines joined."""
     lines = [line.strip() for line in str(err).strip().split("\n\n")[0].splitlines()]
@@ -102,7 +123,7 @@ def check_config(cfg: Mapping) -> None:
         raise ConfigError("train=false needs ckpt_path=PATH: the checkpoint to evaluate")
     ckpt = cfg.get("ckpt_path")
     if ckpt is not None and not Path(ckpt).is_file():
-        raise ConfigError(f"ckpt_path={ckpt} does not exist; give the path of a .ckpt file")
+        raise ConfigError(missing_checkpoint(ckpt))
 
 
 def check_data_dir(data_dir: str | Path, generated: bool) -> None:

@@ -21,7 +21,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from dblock.config_check import ConfigError
+from dblock.config_check import ConfigError, missing_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,9 @@ class SignalStop:
         self.signum: int | None = None
         self.requeue_signal: int | None = None
         self.quiet = False  # True: only record signals (the run's work is done)
+        # True: record and say so, nothing else; under DDP dblock.task.StopTogether polls the
+        # signal and stops every process at the same batch boundary
+        self.deferred = False
         self._previous: dict[int, object] = {}
 
     @property
@@ -86,6 +89,8 @@ class SignalStop:
         if self.quiet:
             return
         log.warning("received %s: stopping at the next batch boundary", signal.Signals(signum).name)
+        if self.deferred:
+            return
         if signal.getsignal(signal.SIGTERM) == self._handle:  # Lightning's loops are not running
             raise Interrupted(signum)
         if signum != signal.SIGTERM:
@@ -144,30 +149,49 @@ SHORT = {  # the short top-level knobs the user types
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """``torch.load(path, weights_only=True)``: tensors and plain types only.
+    """``torch.load(path, weights_only=True)`` of a local file: tensors and plain types only.
 
-    A missing, truncated, foreign or unsafe file is a ``ConfigError`` naming it.
+    A URL, a directory, a missing, truncated, foreign or unsafe file is a ``ConfigError`` naming
+    it. Every checkpoint dblock reads goes through here (``AtomicCheckpointIO.load_checkpoint``
+    routes Lightning's own loads here too).
     """
     import torch
 
+    why = missing_checkpoint(path)
+    if why is not None:
+        raise ConfigError(why)
     file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"ckpt_path={path} does not exist; give the path of a .ckpt file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns about pickle protocols before failing
             ckpt = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for truncated or foreign files
         raise ConfigError(
-            f"ckpt_path={path} cannot be loaded as a checkpoint ({_why(err)})"
+            f"ckpt_path={path} cannot be loaded as a checkpoint ({_why(err, file)})"
         ) from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ConfigError(f"ckpt_path={path} is not a dblock checkpoint (no state_dict)")
     return ckpt
 
 
-def _why(err: Exception) -> str:
+def _is_torch_file(file: Path) -> bool:
+    """Whether ``file`` starts as a file ``torch.save`` writes: a zip archive, or a pickle
+    (protocol 2-5: torch's legacy format, and what a tampered file holds)."""
+    try:
+        with open(file, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return head == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in b"\x02\x03\x04\x05")
+
+
+def _why(err: Exception, file: Path) -> str:
     """The reason in a torch.load error, without its advice to load with weights_only=False."""
+    if not _is_torch_file(file):
+        return (
+            "it is not a checkpoint: corrupt, or another kind of file (a PyTorch checkpoint is a "
+            "zip archive)"
+        )
     text = str(err)
     if "Weights only load failed" in text or "WeightsUnpickler" in text:
         reason = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
@@ -198,6 +222,8 @@ def check_checkpoint(
         key, old, new = first_mismatch(stored, config, evaluate)
         if key is not None:
             flag = SHORT.get(key, key)
+            if key in TRAINING_KEYS:
+                raise ConfigError(training_mismatch(path, key, old, new))
             raise ConfigError(
                 f"ckpt_path={path} was written with {key}={fmt(old)}, this run has "
                 f"{key}={fmt(new)}; {'evaluate' if evaluate else 'resume'} it with "
@@ -221,7 +247,8 @@ def first_mismatch(stored: Mapping, current: Mapping, evaluate: bool):
     """(key, stored value, current value) of the first difference that matters, or Nones."""
     free = LOCATION_KEYS | (EVAL_FREE_KEYS if evaluate else set())
     old_data, new_data = stored.get("dataset") or {}, current.get("dataset") or {}
-    for k in sorted(set(old_data) | set(new_data)):
+    # the dataset's name first: its other settings differ because the dataset does
+    for k in sorted(set(old_data) | set(new_data), key=lambda k: (k != "name", k)):
         if k not in free and old_data.get(k) != new_data.get(k):
             return f"dataset.{k}", old_data.get(k), new_data.get(k)
     old_model, new_model = stored.get("model") or {}, current.get("model") or {}
@@ -231,7 +258,39 @@ def first_mismatch(stored: Mapping, current: Mapping, evaluate: bool):
             return f"model.{k}", old_model.get(k), new_model.get(k)
     if not evaluate and stored.get("seed") != current.get("seed"):
         return "seed", stored.get("seed"), current.get("seed")
+    old_train, new_train = stored.get("training"), current.get("training") or {}
+    if not evaluate and isinstance(old_train, Mapping):  # absent in older checkpoints
+        for k in TRAINING_KEYS:
+            if k in old_train and old_train[k] != new_train.get(k):
+                return k, old_train[k], new_train.get(k)
     return None, None, None
+
+
+# what a resume cannot change: Lightning restores the optimiser, the lr scheduler (its lr,
+# milestones and gamma) and each checkpoint callback's selection state from the checkpoint, so
+# a new value would be ignored while config.yaml recorded it (the recipe first: it sets others)
+TRAINING_KEYS = (
+    "recipe",
+    "selection.monitor",
+    "selection.mode",
+    "task.lr",
+    "task.milestones",
+    "task.gamma",
+)
+
+
+def training_mismatch(path, key: str, old, new) -> str:
+    """The refusal of a resume with another training setting than its checkpoint's."""
+    if key == "recipe":
+        fix = f"recipe={old}" if old is not None else f"without recipe={new}"
+        fix = f"with {fix}" if old is not None else fix
+    else:
+        fix = f"with {key}={fmt(old)}"
+    return (
+        f"ckpt_path={path} was trained with {key}={fmt(old)}, this run has {key}={fmt(new)}; "
+        f"resume it {fix} (a resume continues the training it resumes; to train with other "
+        "settings, start a new run in another hydra.run.dir)"
+    )
 
 
 def fmt(value) -> str:

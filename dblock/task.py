@@ -5,8 +5,10 @@ from __future__ import annotations
 import io
 import logging
 import random
+import signal
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,7 +20,8 @@ from torch.nn import functional as F
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from dblock.files import atomic_write
+from dblock import runner
+from dblock.files import DiskFullError, atomic_write
 from dblock.functional.precision import check_matmul_precision, set_cuda_matmul_precision
 
 STAGES = ("train", "val", "test")
@@ -137,7 +140,8 @@ class SNNTask(pl.LightningModule):
         elapsed = time.perf_counter() - self._epoch_start
         self.epoch_times.append(elapsed)
         self.log("train/epoch_time_s", elapsed, sync_dist=True)
-        self.log("lr", self.optimizers().param_groups[0]["lr"])
+        # the same on every process: synced only so that DDP has nothing to warn about
+        self.log("lr", self.optimizers().param_groups[0]["lr"], sync_dist=True)
 
     def mean_epoch_time(self) -> float | None:
         """Mean training epoch time in seconds, the first epoch excluded when there are more."""
@@ -176,6 +180,24 @@ class SNNTask(pl.LightningModule):
         }
 
 
+class CheckpointWriteError(OSError):
+    """A file of the run cannot be written (read-only or failing filesystem); the previous
+    version of the file is kept. The message names the file, the reason and what to do."""
+
+    def __init__(self, path, err: OSError) -> None:
+        self.path = Path(path)
+        reason = err.strerror or type(err).__name__
+        super().__init__(
+            err.errno,
+            f"cannot write {self.path} ({reason}); the previous version of the file is kept: "
+            "make the run folder writable, or copy the run folder elsewhere (cp -a) and resume "
+            "the copy",
+        )
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoints written atomically in their own directory (``dblock.files.atomic_write``).
 
@@ -195,7 +217,59 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         # file (ENOSPC) into a RuntimeError, and a full disk must be reported as such
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
-        atomic_write(path, lambda f: f.write(buffer.getbuffer()))
+        try:
+            atomic_write(path, lambda f: f.write(buffer.getbuffer()))
+        except DiskFullError:
+            raise
+        except OSError as err:  # EROFS, EIO, EACCES: one line, not a traceback
+            raise CheckpointWriteError(path, err) from err
+
+    def load_checkpoint(self, path, map_location: Any = None, weights_only: Any = None) -> dict:
+        """Every checkpoint Lightning reads (resume, test, a callback's reload): a local file,
+        loaded weights-only (``runner.load_checkpoint``), whatever the caller asked for. A URL
+        is refused, never downloaded."""
+        return runner.load_checkpoint(path)
+
+
+class StopTogether(pl.Callback):
+    """Under DDP, a stop signal that reaches any one process stops every process at the same
+    training batch boundary, as an interrupted single-process run stops.
+
+    Lightning broadcasts rank 0's SIGTERM flag before every training batch, so a signal sent to
+    another rank alone stops only that rank (and its handler starts a collective of its own from
+    inside the signal handler): rank 0 then dies in the next collective ("Connection closed by
+    peer"). Here, during training, the signals are only recorded (``SignalStop.deferred``) and
+    that per-batch broadcast becomes an all-reduce (max) of the signal number: every process sees
+    the same signal at the same step and raises Lightning's ``SIGTERMException``, and run.py
+    writes the interrupted results.json on rank 0. No collective is added.
+    """
+
+    def __init__(self, stop: runner.SignalStop) -> None:
+        self.stop = stop
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import torch.distributed as dist
+
+        if trainer.world_size < 2 or not (dist.is_available() and dist.is_initialized()):
+            return
+        self.stop.deferred = True
+        for signum in (signal.SIGTERM, signal.SIGINT):  # after Lightning registered its own
+            if runner._main_thread():
+                signal.signal(signum, self.stop._handle)
+        loop = trainer.fit_loop.epoch_loop
+        loop._broadcast_sigterm_tensor = lambda: self._agree(trainer)  # Lightning's private
+
+    def _agree(self, trainer: pl.Trainer) -> None:
+        import torch.distributed as dist
+        from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+        flag = torch.tensor([self.stop.signum or 0], device=trainer.strategy.root_device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        signum = int(flag.item())
+        if signum:
+            if self.stop.signum is None:
+                self.stop.signum = signum  # the signal another process received
+            raise SIGTERMException()
 
 
 def order_checkpoints(callbacks: list) -> list:
@@ -212,7 +286,64 @@ def order_checkpoints(callbacks: list) -> list:
     return [next(ordered) if isinstance(c, pl.callbacks.ModelCheckpoint) else c for c in callbacks]
 
 
-class PaperRecipe(pl.callbacks.ModelCheckpoint):
+class RunCheckpoint(pl.callbacks.ModelCheckpoint):
+    """A ``ModelCheckpoint`` whose files are found in its own ``dirpath``, never where a
+    checkpoint says they are.
+
+    Lightning restores the selection state (best score and path) only when the stored
+    ``dirpath`` equals the callback's, so a moved or copied run forgets its best score and
+    selects another epoch; and it takes the stored paths as they are, so a checkpoint can point
+    the run at any file or URL. Here the state is restored wherever the run now lives, and each
+    stored path is replaced by the file of the same name in this callback's ``dirpath`` (with a
+    fixed ``filename``, by that file): a path inside a checkpoint is never used. With
+    ``resuming`` set (run.py sets it before a resume), Lightning's "Checkpoint directory ...
+    exists and is not empty" warning, which a resume always meets, is not shown.
+    """
+
+    resuming = False
+
+    def own_file(self, stored: str, filename: str | None = None) -> str:
+        """The file in this callback's ``dirpath`` that stands for the stored path ``stored``
+        (a file named ``filename``, the callback's own by default)."""
+        if not stored:
+            return ""
+        filename = self.filename if filename is None else filename
+        name = f"{filename}{self.FILE_EXTENSION}"
+        if filename is None or "{" in filename:  # a templated name: the stored one's
+            name = Path(stored.replace("\\", "/")).name
+        return str(Path(self.dirpath) / name)
+
+    @property
+    def state_key(self) -> str:
+        # the key Lightning's ModelCheckpoint has: checkpoints of either class load into both
+        name = "ModelCheckpoint" if type(self) is RunCheckpoint else type(self).__qualname__
+        return name + repr(
+            {
+                "monitor": self.monitor,
+                "mode": self.mode,
+                "every_n_train_steps": self._every_n_train_steps,
+                "every_n_epochs": self._every_n_epochs,
+                "train_time_interval": self._train_time_interval,
+            }
+        )
+
+    def _ModelCheckpoint__warn_if_dir_not_empty(self, dirpath) -> None:  # Lightning's private
+        if not self.resuming:
+            super()._ModelCheckpoint__warn_if_dir_not_empty(dirpath)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.best_model_score = state_dict.get("best_model_score")
+        self.best_model_path = self.own_file(state_dict.get("best_model_path", ""))
+        self.kth_best_model_path = self.own_file(state_dict.get("kth_best_model_path", ""))
+        self.kth_value = state_dict.get("kth_value", self.kth_value)
+        self.best_k_models = {
+            self.own_file(k): v for k, v in (state_dict.get("best_k_models") or {}).items()
+        }
+        last = state_dict.get("last_model_path", "")
+        self.last_model_path = self.own_file(last, self.CHECKPOINT_NAME_LAST)
+
+
+class PaperRecipe(RunCheckpoint):
     """The paper's training recipe (SPEC §5) on top of Lightning's checkpointing.
 
     Keeps the checkpoint with the lowest ``monitor`` (training loss by default) as
@@ -250,7 +381,8 @@ class PaperRecipe(pl.callbacks.ModelCheckpoint):
             epoch = trainer.current_epoch
             log.warning("recipe: no %s checkpoint (epoch %d); weights kept", self.monitor, epoch)
             return False
-        checkpoint = trainer.strategy.load_checkpoint(self.best_model_path)
+        # a weights-only load of this run's own file (best_model_path is never a stored path)
+        checkpoint = runner.load_checkpoint(self.best_model_path)
         trainer.strategy.load_model_state_dict(checkpoint)
         return True
 

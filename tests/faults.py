@@ -57,14 +57,19 @@ class KillAtTest(pl.Callback):
 
 class SignalAt(pl.Callback):
     """Send ``signal`` (a name: SIGTERM, SIGINT, SIGUSR1) to this process at batch ``batch`` of
-    epoch ``epoch``; ``unless_resumed``: not in a run resumed from a checkpoint."""
+    epoch ``epoch``; ``unless_resumed``: not in a run resumed from a checkpoint; ``rank``: in
+    that DDP process only."""
 
-    def __init__(self, epoch: int, batch: int = 1, signal: str = "SIGTERM", unless_resumed=False):
+    def __init__(
+        self, epoch: int, batch: int = 1, signal: str = "SIGTERM", unless_resumed=False, rank=None
+    ):
         self.epoch, self.batch, self.signal = epoch, batch, signal
-        self.unless_resumed = unless_resumed
+        self.unless_resumed, self.rank = unless_resumed, rank  # rank: only that DDP process
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.unless_resumed and trainer.ckpt_path is not None:
+            return
+        if self.rank is not None and trainer.global_rank != self.rank:
             return
         if trainer.current_epoch == self.epoch and batch_idx == self.batch:
             os.kill(os.getpid(), getattr(signal, self.signal))
@@ -335,3 +340,35 @@ def run_cli(args, tmp_path, check=True, env=None):
         assert done.returncode == 0, done.stderr[-3000:]
     return done
 
+
+class FailingWrite(pl.Callback):
+    """From epoch ``epoch`` on, writing a file named ``name`` fails with ``error`` (an errno
+    name: EROFS as on a filesystem remounted read-only, EIO as on a failing disk or a lost NFS
+    server) at ``phase``: ``open`` (its temp file is created) or ``replace`` (the rename)."""
+
+    def __init__(self, epoch: int, name: str = "last.ckpt", error: str = "EROFS", phase="replace"):
+        self.epoch, self.name, self.phase = epoch, name, phase
+        self.errno = getattr(errno, error)
+        self.trainer = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.trainer is not None:
+            return
+        self.trainer = trainer
+        real_open, real_replace = builtins.open, os.replace
+
+        def now(path) -> bool:
+            return _is(path, self.name) and self.trainer.current_epoch >= self.epoch
+
+        def open_(file, mode="r", *args, **kwargs):
+            named = isinstance(file, str | os.PathLike)
+            if self.phase == "open" and "w" in mode and named and now(file):
+                raise OSError(self.errno, os.strerror(self.errno), os.fspath(file))
+            return real_open(file, mode, *args, **kwargs)
+
+        def replace(src, dst, *args, **kwargs):
+            if self.phase == "replace" and os.path.basename(dst) == self.name and now(dst):
+                raise OSError(self.errno, os.strerror(self.errno), src, None, dst)
+            return real_replace(src, dst, *args, **kwargs)
+
+        builtins.open, os.replace = open_, replace

@@ -106,5 +106,5 @@ def test_recipe_on_snn_task(tmp_path):
     recipe = PaperRecipe(milestones=[1], dirpath=tmp_path / "ckpt")
     trainer(tmp_path, 2, recipe).fit(task, DataLoader(data, batch_size=8, collate_fn=time_major))
     assert recipe.applied == [1] and recipe.best_model_path
-    best = torch.load(recipe.best_model_path, map_location="cpu", weights_only=False)["state_dict"]
+    best = torch.load(recipe.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
     assert same(best, task.state_dict())
