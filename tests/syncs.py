@@ -13,6 +13,10 @@ for the device on a GPU:
 Also counted, apart (``host_data``): ``aten.lift_fresh``, a tensor made from Python data
 (``torch.tensor(x)``); on a GPU, made on the device, it is a blocking host-to-device copy.
 
+Listed apart (``host_made``): tensors made by a factory (``torch.arange``, ``zeros``, ...)
+with no device named, seen by a ``TorchFunctionMode``: on a GPU they are made on the host, and
+a step that uses them on the device copies them there.
+
 Not counted (``host``): what the optimiser reads and makes of its step counts, which torch's
 Adam keeps on the host unless ``capturable``/``fused`` (reading them waits for nothing).
 
@@ -35,6 +39,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 aten = torch.ops.aten
@@ -95,6 +100,29 @@ class _Mode(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+FACTORIES = {
+    torch.arange, torch.zeros, torch.ones, torch.empty, torch.full, torch.tensor, torch.as_tensor,
+    torch.linspace, torch.eye, torch.rand, torch.randn, torch.randint, torch.randperm,
+}  # fmt: skip
+
+
+class _Factories(TorchFunctionMode):
+    """Tensors made with no device named: on a GPU they are made on the host, and a step that
+    uses them on the device copies them there (a blocking copy unless pinned)."""
+
+    def __init__(self, counter: SyncCounter) -> None:
+        super().__init__()
+        self.counter = counter
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in FACTORIES and kwargs.get("device") is None:
+            stack = traceback.extract_stack()
+            if not _in_optimiser(stack):
+                self.counter.hit("host_made", func, _where())
+        return func(*args, **kwargs)
+
+
 class SyncCounter(pl.Callback):
     """Counts host syncs per phase over ``fit`` and writes them to ``out`` (JSON) at its end:
     ``{"steps": n, "val_steps": m, "hits": [{"kind", "phase", "op", "where", "step"}, ...]}``
@@ -105,11 +133,11 @@ class SyncCounter(pl.Callback):
         self.phase = "other"
         self.steps = self.val_steps = 0
         self.hits: list[dict] = []
-        self.mode: _Mode | None = None
+        self.modes: list = []
         self.trainer = None
 
     def hit(self, kind: str, func, where: str) -> None:
-        op = func.overloadpacket.__name__
+        op = func.overloadpacket.__name__ if hasattr(func, "overloadpacket") else func.__name__
         step = self.steps + (self.phase == "train_batch")  # a batch is built before its step
         self.hits.append(dict(kind=kind, phase=self.phase, op=op, where=where, step=step))
 
@@ -142,12 +170,14 @@ class SyncCounter(pl.Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.trainer = trainer
-        self.mode = _Mode(self)
-        self.mode.__enter__()
+        self.modes = [_Factories(self), _Mode(self)]
+        for mode in self.modes:
+            mode.__enter__()
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        self.mode.__exit__(None, None, None)
-        self.mode = None
+        for mode in reversed(self.modes):
+            mode.__exit__(None, None, None)
+        self.modes = []
         data = {"steps": self.steps, "val_steps": self.val_steps, "hits": self.hits}
         self.out.write_text(json.dumps(data, indent=1))
 
