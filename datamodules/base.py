@@ -255,6 +255,7 @@ class EventDataModule(pl.LightningDataModule):
         for split in ("train", "test") + (("valid",) if use_valid else ()):
             self.stores[split] = self.load_split(split)
             self.check_store(split, self.stores[split])
+            _ = self.stores[split].single  # read on the host, carried to the device copies
         train = self.stores["train"]
         if use_valid:
             train_idx, val = np.arange(len(train)), ("valid", np.arange(len(self.stores["valid"])))
@@ -325,9 +326,16 @@ class EventDataModule(pl.LightningDataModule):
         """Whether batches on ``device`` are sparse (``input``; ``auto``: on the CPU)."""
         return self.input == "sparse" or (self.input == "auto" and device.type == "cpu")
 
-    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> tuple[Tensor, Tensor]:
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """Adds ``entries``, the batch's (bin, unit) entries, counted here on the host from the
+        store's offsets: the batch is built on the device with no read back of its size."""
+        offsets = self.stores[batch["store"]].offsets
         idx = batch["idx"]
+        return {**batch, "entries": int((offsets[idx + 1] - offsets[idx]).sum())}
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> tuple[Tensor, Tensor]:
+        idx, entries = batch["idx"], batch.get("entries")
         store = self.store_on(batch["store"], idx.device)
         if self.sparse_on(idx.device):
-            return store.sparse(idx), store.labels[idx]
-        return store.dense(idx, buffers=self._buffers), store.labels[idx]
+            return store.sparse(idx, entries=entries), store.labels[idx]
+        return store.dense(idx, buffers=self._buffers, entries=entries), store.labels[idx]

@@ -41,16 +41,21 @@ def single_threaded(build):
 
 @single_threaded
 def dense_batch(
-    store: EventStore, idx: Tensor, dtype: torch.dtype, buffers: BatchBuffers | None
+    store: EventStore,
+    idx: Tensor,
+    dtype: torch.dtype,
+    buffers: BatchBuffers | None,
+    entries: int | None = None,
 ) -> Tensor:
-    """(T, B, n_in) counts of samples ``idx`` (B,), contiguous (see ``EventStore.dense``)."""
+    """(T, B, n_in) counts of samples ``idx`` (B,), contiguous (see ``EventStore.dense``).
+    ``entries``: the batch's entries, counted on the host (None: read back from the device)."""
     idx = idx.to(store.offsets.device, torch.long)
     dev, b, n_in = idx.device, idx.shape[0], store.n_in
     starts = store.offsets[idx]
     counts = store.offsets[idx + 1] - starts
     take = sliced_events if dev.type == "cpu" else gathered_events
     arrays = (store.bins, store.units) + (() if store.single else (store.repeats,))
-    bins, units, *repeats = take(arrays, starts, counts)
+    bins, units, *repeats = take(arrays, starts, counts, entries)
     # flat index (bin * B + row) * n_in + unit of the (T, B, n_in) output, in int64
     flat = torch.repeat_interleave(
         torch.arange(0, b * n_in, n_in, device=dev), counts, output_size=bins.shape[0]
@@ -69,13 +74,16 @@ def dense_batch(
 
 
 @single_threaded
-def sparse_batch(store: EventStore, idx: Tensor, dtype: torch.dtype) -> Tensor:
+def sparse_batch(
+    store: EventStore, idx: Tensor, dtype: torch.dtype, entries: int | None = None
+) -> Tensor:
     """Coalesced sparse COO (T, B, n_in) counts of samples ``idx`` (see ``EventStore.sparse``).
 
     With ``n[b, t]`` the entries of sample ``idx[b]`` in bin t (``store.bin_counts``), the run of
     (t, b) starts at ``src = offsets[idx[b]] + sum_{t' < t} n[b, t']`` in the store and at
     ``dst = sum_{(t', b') < (t, b)} n[b', t']`` in the batch; entry ``p`` of the batch, in run
-    ``r(p)``, is store entry ``p + src[r(p)] - dst[r(p)]``.
+    ``r(p)``, is store entry ``p + src[r(p)] - dst[r(p)]``. ``entries`` (the batch's non-zeros,
+    counted on the host) spares reading their number back from the device.
     """
     t_len, n_in = store.t_len, store.n_in
     idx = idx.to(store.offsets.device, torch.long)
@@ -86,7 +94,10 @@ def sparse_batch(store: EventStore, idx: Tensor, dtype: torch.dtype) -> Tensor:
     per_bin = store.bin_counts[idx]  # (B, T)
     per_run = per_bin.t().reshape(-1).to(pdt)  # (T * B,) entries per (t, b), in (t, b) order
     ends = per_run.cumsum(0, dtype=pdt)  # dst + n per run
-    nnz = int(ends[-1]) if ends.numel() else 0
+    if entries is not None:
+        nnz = entries
+    else:
+        nnz = int(ends[-1]) if ends.numel() else 0
     src = per_bin.cumsum(1, dtype=pdt).sub_(per_bin).add_(store.offsets[idx].to(pdt)[:, None])
     shift = src.t().reshape(-1).sub_(ends).add_(per_run)  # src - dst per run
     run = torch.repeat_interleave(per_run, output_size=nnz)  # (nnz,) run t * B + b of each entry
@@ -112,7 +123,9 @@ def _run_tables(t_len: int, b: int, device: torch.device) -> tuple[Tensor, Tenso
     return t_of, torch.arange(b, device=device).repeat(t_len)
 
 
-def sliced_events(arrays: tuple[Tensor, ...], starts: Tensor, counts: Tensor) -> list[Tensor]:
+def sliced_events(
+    arrays: tuple[Tensor, ...], starts: Tensor, counts: Tensor, total: int | None = None
+) -> list[Tensor]:
     """Each of ``arrays`` (E,) restricted to the samples starting at ``starts`` with ``counts``
     entries, in order: one slice per sample (each sample's entries are contiguous),
     concatenated. The CPU path: no index arithmetic, one memory copy per array."""
@@ -120,10 +133,14 @@ def sliced_events(arrays: tuple[Tensor, ...], starts: Tensor, counts: Tensor) ->
     return [torch.cat([a[s:e] for s, e in spans]) for a in arrays]
 
 
-def gathered_events(arrays: tuple[Tensor, ...], starts: Tensor, counts: Tensor) -> list[Tensor]:
+def gathered_events(
+    arrays: tuple[Tensor, ...], starts: Tensor, counts: Tensor, total: int | None = None
+) -> list[Tensor]:
     """As ``sliced_events``, by one gather per array with no per-sample host work (the GPU
-    path)."""
-    total = int(counts.sum())
+    path). ``total``: ``counts.sum()`` if the caller knows it (else read back from the device,
+    a sync)."""
+    if total is None:
+        total = int(counts.sum())
     # position of each gathered entry in the flat arrays
     shift = torch.repeat_interleave(starts - (counts.cumsum(0) - counts), counts, output_size=total)
     pos = torch.arange(total, device=starts.device).add_(shift)

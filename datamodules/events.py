@@ -108,21 +108,31 @@ class EventStore:
         for name, value in moved.items():
             if isinstance(value, Tensor):
                 moved[name] = value.to(device)
-        return EventStore(**moved)
+        store = EventStore(**moved)
+        store.single = self.single  # read here, on the host: no read back from the device
+        return store
 
     def dense(
-        self, idx: Tensor, dtype: torch.dtype = torch.float32, buffers: BatchBuffers | None = None
+        self,
+        idx: Tensor,
+        dtype: torch.dtype = torch.float32,
+        buffers: BatchBuffers | None = None,
+        entries: int | None = None,
     ) -> Tensor:
         """Time-major count tensor (T, B, n_in) of samples ``idx`` (B,), contiguous, built on the
         store's device. With ``buffers`` its memory is reused from an earlier batch that nothing
-        refers to any more (see ``BatchBuffers``); without, it is a new tensor."""
-        return dense_batch(self, idx, dtype, buffers)
+        refers to any more (see ``BatchBuffers``); without, it is a new tensor. ``entries``: the
+        batch's entries if the caller counted them on the host (else read from the device)."""
+        return dense_batch(self, idx, dtype, buffers, entries)
 
-    def sparse(self, idx: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    def sparse(
+        self, idx: Tensor, dtype: torch.dtype = torch.float32, entries: int | None = None
+    ) -> Tensor:
         """The same counts as ``dense`` as a coalesced sparse COO tensor (T, B, n_in), built on
         the store's device with no dense tensor: ``sparse(idx).to_dense()`` equals
-        ``dense(idx)``. Its indices are sorted by (t, b, unit), as ``Projection`` reads them."""
-        return sparse_batch(self, idx, dtype)
+        ``dense(idx)``. Its indices are sorted by (t, b, unit), as ``Projection`` reads them.
+        ``entries`` as in ``dense``."""
+        return sparse_batch(self, idx, dtype, entries)
 
     def state(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -56,13 +56,21 @@ class SNNTask(pl.LightningModule):
         self.matmul_precision = matmul_precision
         self._restore_matmuls = None
         self.model = model
+        # validate_args=False: the check reads the targets on the host (torch.unique in some
+        # torchmetrics versions), a device sync in every step; the labels come from the store
         self.acc = nn.ModuleDict(
-            {f"{s}_acc": MulticlassAccuracy(num_classes=n_classes, average="micro") for s in STAGES}
+            {
+                f"{s}_acc": MulticlassAccuracy(
+                    num_classes=n_classes, average="micro", validate_args=False
+                )
+                for s in STAGES
+            }
         )
         for s in STAGES:  # NaN kept: a non-finite loss must show (nan_strategy="disable")
             self.acc[f"{s}_loss"] = MeanMetric(nan_strategy="disable")
             self.acc[f"{s}_spikes"] = MeanMetric(nan_strategy="disable")
         self.epoch_times: list[float] = []
+        self.samples = dict.fromkeys(STAGES, 0)  # samples seen this epoch, counted on the host
         self._epoch_start = 0.0
         # the run's model and dataset config (plain types), stored in every checkpoint so that a
         # resume or an evaluation can refuse a checkpoint written for another model or data
@@ -104,16 +112,24 @@ class SNNTask(pl.LightningModule):
         loss = losses.mean()
         # torchmetrics objects reduce exactly over processes, also for shards of unequal size
         acc, mean_loss, spikes = (self.acc[f"{stage}_{m}"] for m in ("acc", "loss", "spikes"))
-        acc(out.logits.detach(), y)
+        # No host sync in a step: the metrics accumulate on the device and are read once per
+        # epoch (update, not forward: no per-batch value is computed), and nothing logged here
+        # is a Python number (Lightning would copy it to the device, a blocking copy on a GPU).
+        acc.update(out.logits.detach(), y)
         mean_loss.update(losses.detach())
         spikes.update(out.spikes.float())
         kw = dict(on_step=False, on_epoch=True, batch_size=y.shape[0])
         self.log(f"{stage}/loss", mean_loss, prog_bar=True, **kw)
         self.log(f"{stage}/acc", acc, prog_bar=True, **kw)
         self.log(f"{stage}/spikes_per_sample", spikes, **kw)
-        # samples seen, summed over processes: each test sample is counted exactly once
-        self.log(f"{stage}/samples", float(y.shape[0]), reduce_fx="sum", sync_dist=True, **kw)
+        self.samples[stage] += y.shape[0]
         return loss
+
+    def _log_samples(self, stage: str) -> None:
+        """``<stage>/samples``: the epoch's samples, summed over processes (each test sample is
+        counted exactly once); logged once per epoch from the host count."""
+        n, self.samples[stage] = self.samples[stage], 0
+        self.log(f"{stage}/samples", float(n), reduce_fx="sum", sync_dist=True)
 
     def training_step(self, batch, batch_idx):
         return self._step(batch, "train")
@@ -125,7 +141,20 @@ class SNNTask(pl.LightningModule):
         self._step(batch, "test")
 
     def on_train_epoch_start(self) -> None:
+        self.samples["train"] = 0
         self._epoch_start = time.perf_counter()
+
+    def on_validation_epoch_start(self) -> None:
+        self.samples["val"] = 0
+
+    def on_test_epoch_start(self) -> None:
+        self.samples["test"] = 0
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_samples("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_samples("test")
 
     def on_train_epoch_end(self) -> None:
         # Runs before the checkpoint callbacks: a bad epoch stops here and writes nothing. The
@@ -138,6 +167,7 @@ class SNNTask(pl.LightningModule):
                 "the checkpoints of the last good epoch (try a lower task.lr)"
             )
         elapsed = time.perf_counter() - self._epoch_start
+        self._log_samples("train")
         self.epoch_times.append(elapsed)
         self.log("train/epoch_time_s", elapsed, sync_dist=True)
         # the same on every process: synced only so that DDP has nothing to warn about

@@ -1,17 +1,26 @@
 """One-shot GPU check: correctness, training and the speed targets on one CUDA device.
 
-    python experiments/gpu_check.py                       # on a machine with a GPU, < 8 minutes
+    python experiments/gpu_check.py                       # on a machine with a GPU, < 6 minutes
+    python experiments/gpu_check.py --quick               # fewer points and runs, < 3 minutes
     python experiments/gpu_check.py --device cpu --reduced --out /tmp/check   # smoke run
+
+Before anything else it names, in one line, every package it needs that this Python lacks (the
+project's dependencies and pytest; a GPU node often has torch, Lightning and torchmetrics only),
+and stops: install them from a wheelhouse (README, "Offline install"). Each section starts only
+while the time budget (``--budget-s``: 330 s, ``--quick`` 165 s) lasts; a section left out is
+reported as skipped, and the subprocesses (pytest, run.py) stop at the budget's end.
 
 In order, each section's rows going into one CSV and one markdown table under ``--out``:
 
-1. ``tests``: the kernel equivalence tests (every kernel against the step-by-step reference,
-   tests/test_kernels.py, test_functional.py, test_chunked.py) and the sparse-input tests (sparse
-   batches and the event-driven projection against the dense path, tests/test_sparse.py) with
-   their tensors on the device.
-2. ``train``: ``python run.py trainer.accelerator=gpu`` for a few epochs on the embedded dataset
-   (the event store lives on the device; batches are built there), in float32, bf16-mixed and
-   16-mixed (the CPU: float32 and bf16-mixed).
+1. ``tests``: every test file that touches the kernels (those importing ``dblock.functional``
+   or ``dblock.nn``, found by reading tests/: the kernel equivalence tests against the
+   step-by-step reference, the sparse-input and the mixed-precision tests), their tensors on the
+   device (``DBLOCK_TEST_DEVICE``), but for those marked slow (CPU trainings: section 2 trains
+   on the device).
+2. ``train``: ``python run.py trainer.accelerator=gpu``, a subprocess as a user runs it, for a
+   few epochs on the embedded dataset (the event store lives on the device; batches are built
+   there), in float32, bf16-mixed and 16-mixed (``--quick`` and the CPU: float32 and
+   bf16-mixed).
 3. ``fig3``: the Fig. 3 points T in {512, 2048} x d in {5, 10, 30}, feedforward and recurrent
    (batch 128, 1000 -> 100): the d-block layer (kernel ``auto``) against dblock's standard layer,
    with the paper's speedup (Fig. 3a, feedforward) as the target, the launching ops and bytes moved
@@ -23,19 +32,22 @@ In order, each section's rows going into one CSV and one markdown table under ``
    float32 and under bf16 autocast.
 
 Times are medians of interleaved rounds (wall clock, synchronised). Exit code 1 if a test or a
-training run failed; the speed and op-count targets are reported (``met``), not enforced, and
-only on a GPU (on the CPU ``auto`` runs the loop kernel, which the targets are not for).
+training run failed or a section was skipped for time, 2 if a package is missing; the speed and
+op-count targets are reported (``met``), not enforced, and only on a GPU (on the CPU ``auto``
+runs the loop kernel, which the targets are not for).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import io
 import json
 import logging
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -44,9 +56,48 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-import torch
-from torch import nn
-from torch.optim import Adam
+# What the check needs, import name -> pip name: the project's dependencies (pyproject.toml; a
+# test keeps the two lists equal) and pytest, which runs the kernel tests.
+NEEDS = {
+    "torch": "torch", "pytorch_lightning": "pytorch-lightning", "hydra": "hydra-core",
+    "omegaconf": "omegaconf", "tonic": "tonic", "torchmetrics": "torchmetrics", "wandb": "wandb",
+    "h5py": "h5py", "matplotlib": "matplotlib", "pytest": "pytest",
+}  # fmt: skip
+
+
+def missing_packages(needs: dict[str, str] = NEEDS) -> list[str]:
+    """The pip names of the packages in ``needs`` that this Python cannot import (looked up,
+    not imported)."""
+    missing = []
+    for module, package in needs.items():
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(package)
+    return missing
+
+
+def refuse_if_missing() -> None:
+    """Stop with one ``error:`` line naming every missing package and how to install them."""
+    missing = missing_packages()
+    if missing:
+        sys.stderr.write(
+            f"error: gpu_check needs {', '.join(missing)}, which {sys.executable} cannot "
+            "import; without network install them from a wheelhouse built on a connected machine "
+            "(README, Offline install): pip install --no-index --find-links WHEELHOUSE dblock "
+            "pytest\n"
+        )
+        raise SystemExit(2)
+
+
+if __name__ == "__main__":  # before the imports below, which need some of them
+    refuse_if_missing()
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.optim import Adam  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -70,12 +121,12 @@ COLUMNS = [
 ]  # fmt: skip
 SECTIONS = ("tests", "train", "fig3", "shd_layer", "shd_step")
 MODES = ("feedforward", "recurrent")
-TEST_FILES = [
-    "tests/test_kernels.py",
-    "tests/test_functional.py",
-    "tests/test_chunked.py",
-    "tests/test_sparse.py",
-]
+# a test file touches the kernels when it imports them or the layers that call them
+KERNEL_IMPORT = re.compile(
+    r"^\s*(from dblock\.(functional|nn)\b|from dblock import .*\b(functional|nn)\b|"
+    r"import dblock\.(functional|nn)\b)",
+    re.M,
+)
 TINY_RUN = ["dataset.n_train=256", "dataset.n_test=128", "dataset.batch_size=64", "n_hidden=16"]
 
 
@@ -94,6 +145,10 @@ class Sizes:
     epochs: int = 3
     run_args: list = field(default_factory=list)
     test_filter: str = "not aten_ops"
+    # pytest -m: the tests marked slow are CPU training runs, which ``train`` does on the device
+    test_marks: str = "not slow"
+    half_16: bool = True  # train in 16-mixed too (on a GPU)
+    budget_s: float = 330.0  # sections start only while this lasts (6 minutes with the start)
 
     @classmethod
     def reduced(cls) -> Sizes:
@@ -102,6 +157,28 @@ class Sizes:
             rounds=1, warmup=1, epochs=1, run_args=TINY_RUN,
             test_filter="beta_at_the_clamp_edges or expanded_grad",
         )  # fmt: skip
+
+    @classmethod
+    def quick(cls) -> Sizes:
+        """Half the full check: one Fig. 3 length and d, two training runs of 2 epochs; the
+        same tests."""
+        return cls(
+            t_values=(512,), d_values=(10,), rounds=3, warmup=1, epochs=2, half_16=False,
+            budget_s=165.0,
+        )  # fmt: skip
+
+
+def kernel_test_files(root: Path = ROOT) -> list[str]:
+    """tests/test_*.py files that import ``dblock.functional`` or ``dblock.nn``, sorted."""
+    return sorted(
+        str(path.relative_to(root))
+        for path in (root / "tests").glob("test_*.py")
+        if KERNEL_IMPORT.search(path.read_text())
+    )
+
+
+def remaining(deadline: float) -> float:
+    return max(deadline - time.monotonic(), 0.0)
 
 
 def row(section: str, case: str, **kw) -> dict:
@@ -115,13 +192,13 @@ def _fmt(x, digits: int = 2) -> str:
 # --- 1. tests ------------------------------------------------------------------------------
 
 
-def run_tests(sizes: Sizes, device: str) -> list[dict]:
-    """The equivalence tests with ``DBLOCK_TEST_DEVICE=device``, in a pytest subprocess."""
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TEST_FILES]
-    cmd += ["-k", sizes.test_filter]
+def run_tests(sizes: Sizes, device: str, deadline: float) -> list[dict]:
+    """The kernel tests with ``DBLOCK_TEST_DEVICE=device``, in a pytest subprocess."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *kernel_test_files()]
+    cmd += ["-k", sizes.test_filter] + (["-m", sizes.test_marks] if sizes.test_marks else [])
     env = dict(os.environ, DBLOCK_TEST_DEVICE=device, PYTHONPATH=str(ROOT))
     log.info("tests: %s (DBLOCK_TEST_DEVICE=%s)", " ".join(cmd[3:]), device)
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = _run(cmd, cwd=ROOT, env=env, deadline=deadline)
     lines = [ln for ln in proc.stdout.strip().splitlines() if ln.strip()]
     summary = lines[-1] if lines else proc.stderr.strip()[-200:]
     if proc.returncode != 0:
@@ -140,10 +217,24 @@ def run_tests(sizes: Sizes, device: str) -> list[dict]:
 # --- 2. training ---------------------------------------------------------------------------
 
 
-def run_training(sizes: Sizes, device: str, out: Path) -> list[dict]:
-    """``run.py`` for ``sizes.epochs`` epochs per precision; reads each results.json."""
+def _run(cmd: list[str], deadline: float, **kw) -> subprocess.CompletedProcess:
+    """``cmd`` with its output captured, stopped at ``deadline`` (then exit code 124)."""
+    try:
+        left = remaining(deadline)
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=left, **kw)
+    except subprocess.TimeoutExpired as exc:
+        out, err = (
+            x.decode() if isinstance(x, bytes) else x or "" for x in (exc.output, exc.stderr)
+        )
+        return subprocess.CompletedProcess(cmd, 124, out, err + "\ntimed out (time budget)")
+
+
+def run_training(sizes: Sizes, device: str, out: Path, deadline: float) -> list[dict]:
+    """``python run.py`` for ``sizes.epochs`` epochs per precision, as a user runs it (a
+    subprocess, its settings as overrides); reads each results.json."""
     accelerator = "gpu" if device.startswith("cuda") else "cpu"
-    precisions = ["32", "bf16-mixed"] + (["16-mixed"] if accelerator == "gpu" else [])
+    half_16 = accelerator == "gpu" and sizes.half_16
+    precisions = ["32", "bf16-mixed"] + (["16-mixed"] if half_16 else [])
     rows = []
     for precision in precisions:
         run_dir = out / f"train_{precision}"
@@ -157,13 +248,7 @@ def run_training(sizes: Sizes, device: str, out: Path) -> list[dict]:
         ]
         log.info("train: python run.py %s", " ".join(args))
         env = dict(os.environ, DBLOCK_DATA=str(out / "data"), PYTHONPATH=str(ROOT))
-        proc = subprocess.run(
-            [sys.executable, str(ROOT / "run.py"), *args],
-            cwd=out,
-            env=env,
-            capture_output=True,
-            text=True,
-        )
+        proc = _run([sys.executable, str(ROOT / "run.py"), *args], deadline, cwd=out, env=env)
         results = run_dir / "results.json"
         if proc.returncode != 0 or not results.is_file():
             log.error("run.py failed (%s):\n%s", precision, proc.stderr[-3000:])
@@ -344,6 +429,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="cuda", help="cuda (default), cuda:N or cpu")
     p.add_argument("--reduced", action="store_true", help="tiny sizes (a CPU smoke run)")
+    p.add_argument("--quick", action="store_true", help="fewer points and runs (< 3 minutes)")
+    p.add_argument(
+        "--budget-s", type=float, default=None,
+        help="sections start only while this lasts (default 330 s; --quick 165 s)",
+    )  # fmt: skip
     p.add_argument(
         "--sections", default=",".join(SECTIONS), help="comma list of " + ",".join(SECTIONS)
     )
@@ -360,29 +450,40 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    refuse_if_missing()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     args = parse_args(argv)
-    sizes = Sizes.reduced() if args.reduced else Sizes()
+    sizes = Sizes.reduced() if args.reduced else Sizes.quick() if args.quick else Sizes()
+    budget = sizes.budget_s if args.budget_s is None else args.budget_s
+    deadline = time.monotonic() + budget
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     header = environment(args.device)
     start = time.perf_counter()
     rows: list[dict] = []
     steps = {
-        "tests": lambda: run_tests(sizes, args.device),
-        "train": lambda: run_training(sizes, args.device, out),
+        "tests": lambda: run_tests(sizes, args.device, deadline),
+        "train": lambda: run_training(sizes, args.device, out, deadline),
         "fig3": lambda: fig3(sizes, args.device),
         "shd_layer": lambda: shd_layer(sizes, args.device),
         "shd_step": lambda: shd_step(sizes, args.device),
     }
     for section in args.sections:
+        if remaining(deadline) <= 0:
+            log.error("%s: skipped, the %.0f s budget is spent", section, budget)
+            rows.append(row(section, "skipped", result=f"{budget:.0f} s budget spent", met="no"))
+            continue
         rows += steps[section]()
         write(rows, out, header)  # what ran so far is kept if a later section dies
     elapsed = time.perf_counter() - start
     csv_path, md_path = write(rows, out, header + f"\n{elapsed:.0f} s in all\n")
     sys.stdout.write(md_path.read_text())
     log.info("wrote %s and %s (%.0f s)", csv_path, md_path, elapsed)
-    failed = [r for r in rows if r["section"] in ("tests", "train") and r.get("met") == "no"]
+    failed = [
+        r
+        for r in rows
+        if (r["section"] in ("tests", "train") or r["case"] == "skipped") and r.get("met") == "no"
+    ]
     return 1 if failed else 0
 
 

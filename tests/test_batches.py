@@ -38,6 +38,23 @@ def test_sliced_and_gathered_events_agree(tmp_path):
         assert torch.equal(got, want) and got.shape[0] == int(counts.sum())
 
 
+def test_batches_with_their_size_counted_on_the_host_are_the_same(tmp_path, monkeypatch):
+    """``entries`` (counted on the host before the transfer) spares the device a read back and
+    changes nothing; the dense batch built by the device path (one gather) too."""
+    import datamodules.batches as batches
+
+    store = _store(tmp_path)
+    idx = torch.tensor([5, 3, 0, 11, 5])
+    entries = int((store.offsets[idx + 1] - store.offsets[idx]).sum())
+    want_dense, want_sparse = store.dense(idx), store.sparse(idx)
+    monkeypatch.setattr(batches, "sliced_events", batches.gathered_events)  # the GPU's path
+    for n in (None, entries):
+        assert torch.equal(store.dense(idx, entries=n), want_dense)
+        got = store.sparse(idx, entries=n)
+        assert torch.equal(got.indices(), want_sparse.indices())
+        assert torch.equal(got.values(), want_sparse.values())
+
+
 def test_batch_buffers_reuse_memory_and_match_fresh_batches(tmp_path):
     store = _store(tmp_path)
     buffers = BatchBuffers()

@@ -16,7 +16,6 @@ from experiments.bench_impls import build
 from experiments.bench_speed import count_launching_ops, poisson_input, run_once
 from tests.conftest import DEVICE
 from tests.test_kernels import check, make
-from tests.test_reliability import composed
 
 FIG3_T = (32, 64, 128, 256, 512, 1024, 2048)
 FIG3_D = (5, 10, 15, 20, 25, 30)
@@ -79,6 +78,9 @@ def test_bad_kernel_settings_are_clear_errors(kw, message):
     ],
 )
 def test_config_rejects_bad_kernel(tmp_path, override, message):
+    # imported here: the file is collected on GPU nodes without Hydra (experiments/gpu_check.py)
+    from tests.test_reliability import composed
+
     check_config(composed(tmp_path, "model.kernel=chunked", "model.chunk=8"))
     with pytest.raises(ConfigError, match=message):
         check_config(composed(tmp_path, override))
