@@ -236,8 +236,10 @@ def train_and_test(cfg: DictConfig, stop: runner.SignalStop, ckpt_path: str | No
     info = run_info(cfg)
     if cfg.train:  # the metric history continues at the first epoch trained now
         for logger in trainer.loggers:
-            if hasattr(logger, "resume_at"):
-                logger.resume_at(int(ckpt["epoch"]) + 1 if ckpt is not None else 0)
+            if hasattr(logger, "resume_at") and ckpt is not None:
+                logger.resume_at(int(ckpt["epoch"]) + 1, ckpt.get("epoch_log"))
+            elif hasattr(logger, "resume_at"):
+                logger.resume_at(0)
     if not cfg.train:
         metrics = trainer.test(
             task, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False, weights_only=True

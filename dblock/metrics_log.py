@@ -9,8 +9,10 @@ finished run lost the training history. This one reads the file it finds and kee
   short, or a previous run's test) are dropped, so every epoch appears once, also after a
   resume from an earlier epoch's checkpoint. Nothing calls it for an evaluation: its test row
   is added to the history.
-- every call to ``log_metrics`` rewrites the file atomically (rows of whole epochs only ever
-  reach it: the task logs per epoch), so a kill loses no epoch that its checkpoint kept.
+- every call to ``log_metrics`` rewrites the file atomically (the task logs per epoch, so
+  that is a few rows per epoch). Lightning logs an epoch's training row after its checkpoints
+  are written; the checkpoint stores that row (``SNNTask.on_save_checkpoint``), and a resume
+  adds it back when a kill came in between, so no epoch its checkpoint kept is missing.
 """
 
 from __future__ import annotations
@@ -29,6 +31,14 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from dblock.files import atomic_write
 
 log = logging.getLogger(__name__)
+
+
+def before_epoch(row: dict, epoch: int) -> bool:
+    """Whether a csv row belongs to an epoch before ``epoch`` (rows without one: no)."""
+    try:
+        return float(row.get("epoch") or 0) < epoch
+    except ValueError:
+        return False
 
 
 class KeepingWriter(ExperimentWriter):
@@ -53,18 +63,19 @@ class KeepingWriter(ExperimentWriter):
             os.replace(self.metrics_file_path, aside)
             log.warning("%s could not be read (%s); kept as %s", self.metrics_file_path, err, aside)
 
-    def keep_before(self, epoch: int) -> None:
-        """Drop the rows of ``epoch`` and later (training restarts at ``epoch``)."""
-
-        def before(row: dict) -> bool:
-            try:
-                return float(row.get("epoch") or 0) < epoch
-            except ValueError:
-                return False
-
-        dropped = len(self.kept) - len(kept := [r for r in self.kept if before(r)])
-        self.kept = kept
-        if dropped:
+    def keep_before(self, epoch: int, last_row: dict | None = None) -> None:
+        """Drop the rows of ``epoch`` and later (training restarts at ``epoch``); ``last_row``:
+        the training row of epoch ``epoch - 1`` as its checkpoint stored it, added when the
+        file lacks it (the run was killed after the checkpoint, before the row was logged)."""
+        kept = [r for r in self.kept if before_epoch(r, epoch)]
+        changed, self.kept = len(kept) != len(self.kept), kept
+        lost = last_row is not None and last_row.get("epoch") == epoch - 1
+        if lost and not any(
+            r.get("train/loss") not in (None, "") and not before_epoch(r, epoch - 1) for r in kept
+        ):
+            self.kept.append(dict(last_row))
+            changed = True
+        if changed:
             self.save(force=True)
 
     def save(self, force: bool = False) -> None:
@@ -95,6 +106,7 @@ class CSVLogger(LightningCSVLogger):
         return self._experiment
 
     @rank_zero_only
-    def resume_at(self, epoch: int) -> None:
-        """Training (re)starts at ``epoch`` (0-based): rows of that epoch and later go."""
-        self.experiment.keep_before(epoch)
+    def resume_at(self, epoch: int, last_row: dict | None = None) -> None:
+        """Training (re)starts at ``epoch`` (0-based): rows of that epoch and later go;
+        ``last_row``: the checkpoint's training row of the epoch before (``KeepingWriter``)."""
+        self.experiment.keep_before(epoch, last_row)

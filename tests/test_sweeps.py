@@ -209,6 +209,22 @@ def test_metrics_history_kept_across_resumes_reruns_and_evaluations(reference, t
     assert epochs_logged(out) == {**whole, "test": [3, 0]}  # the evaluation's row added
 
 
+def test_kill_after_the_checkpoint_before_the_epoch_row_keeps_the_row(reference, tmp_path):
+    """Lightning logs an epoch's training row after its checkpoints: a kill -9 right after
+    last.ckpt is renamed loses the row from metrics.csv, and the resume adds it back from the
+    checkpoint."""
+    out = tmp_path / "run"
+    args = [*RESUMABLE, f"hydra.run.dir={out}"]
+    kill = fault("KillDuringWrite", epoch=1, name="last.ckpt", phase="done")
+    assert run_cli([*args, *kill], tmp_path, check=False).returncode == -signal.SIGKILL
+    assert epochs_logged(out)["train"] == [0]  # epoch 1 is in last.ckpt, its row is not
+    run_cli(args, tmp_path)
+    assert epochs_logged(out) == {"train": [0, 1, 2], "val": [0, 1, 2], "test": [3]}
+    rows = [r for r in read_csv(out / "csv" / "metrics.csv") if r["train/loss"]]
+    assert all(r["lr"] and r["train/acc"] and r["train/epoch_time_s"] for r in rows)
+    assert same(results(out), results(reference))
+
+
 def test_wandb_offline_run_resumed_keeps_one_run_id(tmp_path):
     out = tmp_path / "run"
     args = [*TINY, "trainer.max_epochs=2", "logger=wandb", f"hydra.run.dir={out}"]
