@@ -424,7 +424,18 @@ def fail(message: str, code: int = 2, out_dir: Path | None = None) -> None:
     print(f"error: {message}", file=sys.stderr)
     if out_dir is not None and out_dir.is_dir():
         file_log.error(message)
+    sweep_stops()
     sys.exit(code)
+
+
+def sweep_stops() -> None:
+    """A -m sweep that ends at this job (a signal, a refusal) still writes and prints its
+    summary so far (rank 0 only)."""
+    from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        if rank_zero_only.rank == 0:
+            sweeps.report(HydraConfig.get().sweep.dir)
 
 
 def fresh(out_dir: Path) -> bool:
@@ -438,8 +449,9 @@ def fresh(out_dir: Path) -> bool:
 def refuse(message: str, out_dir: Path, was_fresh: bool) -> None:
     """Stop with exit code 2; a run folder made for this job that holds no checkpoint goes."""
     checkpoints = out_dir / "checkpoints"
-    if (
+    if (  # inside a -m sweep the folder stays: the sweep summary lists the job as refused
         was_fresh
+        and HydraConfig.get().mode != RunMode.MULTIRUN
         and not (checkpoints.is_dir() and any(checkpoints.iterdir()))
         and not (out_dir / files.RunLock.NAME).exists()  # another run's (ours is released)
         and out_dir not in (Path.cwd(), *Path.cwd().parents)
@@ -513,11 +525,10 @@ def main(cfg: DictConfig) -> float | None:
             message += "; the SLURM job is requeued and resumes from last.ckpt"
         elif summary["resume"]:
             message += f"; resume with: {summary['resume']}"
-        if multirun and rank0:  # the sweep ends here: its summary so far
-            sweeps.report(HydraConfig.get().sweep.dir)
         fail(message + skipped_jobs(), code=stop.exit_code, out_dir=out_dir)
     if stop.signum is not None:  # arrived as this job ended: its results stand, a sweep stops
         print(f"error: {stop.name} received as the run ended{skipped_jobs()}", file=sys.stderr)
+        sweep_stops()
         sys.exit(stop.exit_code)
     if summary["status"] != "ok":
         message = f"{summary['error']} (results.json: {out_dir}/results.json)"

@@ -153,13 +153,25 @@ def swept_keys(sweep: Path, overrides: list[dict[str, str]]) -> list[str]:
 
 
 def job_status(job: Path, results: dict | None) -> str:
-    """``ok``, ``failed``, ``interrupted`` (results.json); ``running`` (its lock is held);
-    ``refused`` (run.log ends with the error); ``killed`` (a lock left by a dead process);
-    ``incomplete`` (none of these: e.g. stopped before it wrote anything)."""
-    if results is not None:
-        return str(results.get("status"))
+    """``ok``, ``failed``, ``interrupted`` (results.json); ``refused`` (run.log ends with the
+    error, written after any results.json: e.g. the folder held another run's checkpoint);
+    ``running`` (its lock is held); ``killed`` (a lock left by a dead process); ``incomplete``
+    (none of these: e.g. stopped before it wrote anything)."""
     from dblock.files import HOST, RunLock, pid_alive
 
+    log_file = job / "run.log"
+    try:
+        lines = log_file.read_text().strip().splitlines()
+    except OSError:
+        lines = []
+    if lines and "[ERROR]" in lines[-1]:
+        done = job / "results.json"
+        if results is None or (
+            results.get("status") == "ok" and log_file.stat().st_mtime >= done.stat().st_mtime
+        ):
+            return "refused"
+    if results is not None:
+        return str(results.get("status"))
     lock = job / RunLock.NAME
     if lock.is_file():
         try:
@@ -169,12 +181,6 @@ def job_status(job: Path, results: dict | None) -> str:
         if owner.get("host") != HOST or pid_alive(int(owner.get("pid", 0))):
             return "running"
         return "killed"
-    try:
-        lines = (job / "run.log").read_text().strip().splitlines()
-    except OSError:
-        lines = []
-    if lines and "[ERROR]" in lines[-1]:
-        return "refused"
     return "incomplete"
 
 

@@ -284,3 +284,27 @@ def test_parallel_launchers_skip_finished_jobs(tmp_path, launcher):
     launch(args, tmp_path)
     assert snapshot(sweep) == before and len(before) == 2
     assert [r["job"] for r in read_csv(sweep / "summary.csv")] == ["d=1", "d=5"]
+
+
+def test_a_job_whose_folder_holds_another_run_is_refused_and_listed(tmp_path):
+    """A sweep job whose folder holds another run's checkpoint (here d=1's in d=5's folder) is
+    refused, naming the setting and the way out, not resumed and not overwritten; the sweep
+    summary lists it as refused."""
+    sweep = tmp_path / "sweep"
+    other = ["d=1", *TINY, "trainer.max_epochs=1", f"hydra.run.dir='{sweep / 'd=5'}'"]
+    run_cli(other, tmp_path)
+    last = sweep / "d=5" / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    args = ["-m", "d=1,5", *TINY, "trainer.max_epochs=1", f"hydra.sweep.dir={sweep}"]
+    proc = run_cli(args, tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"error: ckpt_path={last} was written with model.d=1, this run has ")
+    assert error.endswith(
+        "train from scratch there with rerun=true (its checkpoints are overwritten)"
+    )
+    assert last.read_bytes() == before
+    assert [(r["d"], r["status"]) for r in read_csv(sweep / "summary.csv")] == [
+        ("1", "ok"),
+        ("5", "refused"),
+    ]
