@@ -483,7 +483,7 @@ def main(cfg: DictConfig) -> float | None:
     if verbose:
         logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.INFO)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
-    done = finished(cfg, out_dir) if multirun and not cfg.get("rerun") else None
+    done = finished(cfg, out_dir, resolved) if multirun and not cfg.get("rerun") else None
     if done is not None:  # a rerun sweep: this job is done (rerun=true runs it again)
         line = f"skipped {out_dir}: done (results.json: ok; rerun=true runs it again)"
         print(line)
@@ -544,9 +544,9 @@ def main(cfg: DictConfig) -> float | None:
     return summary.get(cfg.objective)  # what a sweeper such as Optuna optimises
 
 
-def finished(cfg: DictConfig, out_dir: Path) -> dict | None:
-    """The results.json of a job already done as this one would do it (status ok, the same
-    model, data and seed, trained as many epochs as asked), else None."""
+def finished(cfg: DictConfig, out_dir: Path, resolved: dict) -> dict | None:
+    """The results.json of a job already done as this one would do it (status ok, its
+    config.yaml the same settings as this job's, see ``settings``), else None."""
     try:
         done = json.loads((out_dir / "results.json").read_text())
     except (OSError, ValueError):
@@ -555,8 +555,26 @@ def finished(cfg: DictConfig, out_dir: Path) -> dict | None:
         return None
     if not cfg.train or (done.get("epoch") or 0) < cfg.trainer.max_epochs:
         return None  # an evaluation, or more epochs asked: resume_path continues it
-    info = run_info(cfg)
-    return done if all(done.get(k) == v for k, v in info.items()) else None
+    try:  # the config the job ran with, as this job has it (a search's trial: another lr)
+        before = OmegaConf.to_container(OmegaConf.load(out_dir / "config.yaml"))
+    except Exception:
+        return None
+    return done if settings(before) == settings(resolved) else None
+
+
+def settings(resolved: dict) -> dict:
+    """What a job computes from: its resolved config less where data and outputs live and how
+    the run reports (paths, data locations, loggers, the progress display, verbose, rerun)."""
+    out = {k: v for k, v in resolved.items() if k not in ("paths", "logger", "verbose", "rerun")}
+    out["dataset"] = {
+        k: v
+        for k, v in (resolved.get("dataset") or {}).items()
+        if k not in ("data_dir", "cache", "cache_dir", "download")
+    }
+    out["callbacks"] = {
+        k: v for k, v in (resolved.get("callbacks") or {}).items() if k != "progress"
+    }
+    return out
 
 
 def write_results(out_dir: Path, summary: dict) -> None:
