@@ -8,11 +8,14 @@ python run.py -m d=1,5 layers=1,2              # a sweep: one results.json per j
 
 from __future__ import annotations
 
+import json
 import logging
 import netrc
 import os
 import re
+import secrets
 import shutil
+import string
 import sys
 import time
 from contextlib import nullcontext
@@ -25,7 +28,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from dblock import files, runner
+from dblock import files, runner, sweeps
 from dblock.config_check import (
     ConfigError,
     check_config,
@@ -58,8 +61,9 @@ def wandb_offline() -> bool:
 OmegaConf.register_new_resolver("dblock.wandb_offline", wandb_offline, replace=True)
 
 
-def build(cfg: DictConfig):
-    """Instantiate the datamodule, network, task, loggers, callbacks and trainer from ``cfg``."""
+def build(cfg: DictConfig, ckpt_path: str | None = None):
+    """Instantiate the datamodule, network, task, loggers, callbacks and trainer from ``cfg``
+    (``ckpt_path``: the checkpoint the run starts from, which a wandb run continues)."""
     import pytorch_lightning as pl
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -71,7 +75,11 @@ def build(cfg: DictConfig):
     task = instantiate(cfg.task, model=instantiate(cfg.model), _convert_="all")
     task.run_config = run_config(cfg)  # stored in every checkpoint, checked on resume / eval
     # an entry set to null (e.g. callbacks.best=null) is switched off
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    loggers = [
+        instantiate(c, **logger_args(c, cfg, ckpt_path))
+        for c in (cfg.get("logger") or {}).values()
+        if c is not None
+    ]
     for logger in loggers:  # the resolved config, e.g. as the wandb run's config
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
@@ -90,6 +98,21 @@ def build(cfg: DictConfig):
             "at a time without -m"
         )
     return datamodule, task, trainer
+
+
+def logger_args(entry: DictConfig, cfg: DictConfig, ckpt_path: str | None) -> dict:
+    """What run.py adds to a wandb logger: the run dir's run id (a resumed run continues its
+    wandb run) and, inside a sweep without an experiment, the sweep's group."""
+    if not str(entry.get("_target_", "")).endswith("WandbLogger"):
+        return {}
+    hc = HydraConfig.get()
+    out = {}
+    if entry.get("id") is None:
+        fresh_start = cfg.train and ckpt_path is None
+        out = {"id": wandb_run_id(Path(hc.runtime.output_dir), fresh_start), "resume": "allow"}
+    if entry.get("group") is None and hc.mode == RunMode.MULTIRUN:
+        out["group"] = sweeps.wandb_group(None, hc.sweep.dir)
+    return out
 
 
 def run_config(cfg: DictConfig) -> dict:
@@ -186,17 +209,34 @@ def last_checkpoint(cfg: DictConfig) -> Path | None:
     return Path(c.dirpath) / f"{c.filename}.ckpt" if c is not None else None
 
 
-def requeued_resume(cfg: DictConfig, trainer) -> str | None:
-    """A requeued SLURM job (same command, same run dir) resumes from last.ckpt by itself."""
-    from lightning_fabric.plugins.environments import SLURMEnvironment
+def resume_path(cfg: DictConfig) -> str | None:
+    """The checkpoint this run starts from: ``ckpt_path``, else the run dir's own last.ckpt.
 
+    Rerunning a command into a run dir that holds a checkpoint (a crash, a kill, a stopped sweep,
+    a requeued SLURM job) resumes it, saying so; ``rerun=true`` trains from scratch instead.
+    """
     last = last_checkpoint(cfg)
-    if cfg.ckpt_path is not None or not cfg.train or last is None or not last.is_file():
+    if cfg.ckpt_path is not None or not cfg.train or cfg.get("rerun") or last is None:
         return cfg.ckpt_path
-    if not isinstance(trainer._accelerator_connector.cluster_environment, SLURMEnvironment):
+    if cfg.trainer.get("fast_dev_run") or not last.is_file():
         return None
-    log.warning("SLURM job %s: resuming from %s", os.environ.get("SLURM_JOB_ID"), last)
+    epochs = runner.checkpoint_epoch(last)
+    saved = f"{epochs} epoch(s) saved" if epochs is not None else "unreadable"
+    log.info("resuming from %s (%s; rerun=true trains from scratch)", last, saved)
     return str(last)
+
+
+def wandb_run_id(out_dir: Path, fresh_start: bool) -> str:
+    """The wandb run id of this run dir (``<run dir>/wandb-run-id``), so that a resumed run
+    continues the same wandb run; a new one when training starts from scratch."""
+    path = out_dir / "wandb-run-id"
+    if not fresh_start and path.is_file():
+        run_id = path.read_text().strip()
+        if re.fullmatch(r"[A-Za-z0-9_-]{1,64}", run_id):
+            return run_id
+    run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+    files.atomic_write(path, lambda f: f.write(f"{run_id}\n".encode()))
+    return run_id
 
 
 def watch_requeue(trainer, stop: runner.SignalStop) -> None:
@@ -211,22 +251,38 @@ def watch_requeue(trainer, stop: runner.SignalStop) -> None:
         stop.watch_requeue(env.requeue_signal)
 
 
-def train_and_test(cfg: DictConfig, stop: runner.SignalStop, checked) -> dict:
+def train_and_test(
+    cfg: DictConfig, stop: runner.SignalStop, ckpt_path: str | None, checked
+) -> dict:
     """Build, check the checkpoint (``checked()`` once it fits: config.yaml is written then),
-    fit, test; the run's summary."""
+    fit, test; the run's summary. ``ckpt_path``: the checkpoint the run starts from."""
     start = time.perf_counter()
-    datamodule, task, trainer = build(cfg)
+    datamodule, task, trainer = build(cfg, ckpt_path)
     files.remove_orphans(orphan_dirs(datamodule))
     watch_requeue(trainer, stop)
     trainer.callbacks.append(StopTogether(stop))  # DDP: a signal to one process stops all
-    ckpt_path = requeued_resume(cfg, trainer)
-    ckpt = load_checkpoint(ckpt_path, task, cfg.train) if ckpt_path is not None else None
+    try:
+        ckpt = load_checkpoint(ckpt_path, task, cfg.train) if ckpt_path is not None else None
+        if ckpt is not None and cfg.train:
+            check_resume(cfg, ckpt_path, ckpt)
+    except ConfigError as err:
+        if cfg.ckpt_path is None:  # the run dir's own last.ckpt (resume_path)
+            raise ConfigError(
+                f"{err}; this run dir holds another run: choose another hydra.run.dir, or "
+                "train from scratch there with rerun=true (its checkpoints are overwritten)"
+            ) from None
+        raise
     if ckpt is not None and cfg.train:
-        check_resume(cfg, ckpt_path, ckpt)
         for callback in trainer.checkpoint_callbacks:  # its folder holds the run's checkpoints
             callback.resuming = True
     checked()
     info = run_info(cfg)
+    if cfg.train:  # the metric history continues at the first epoch trained now
+        for logger in trainer.loggers:
+            if hasattr(logger, "resume_at") and ckpt is not None:
+                logger.resume_at(int(ckpt["epoch"]) + 1, ckpt.get("epoch_log"))
+            elif hasattr(logger, "resume_at"):
+                logger.resume_at(0)
     if not cfg.train:
         metrics = trainer.test(
             task, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False, weights_only=True
@@ -284,14 +340,16 @@ def orphan_dirs(datamodule) -> list[Path]:
     return [out_dir, out_dir / "checkpoints", *Path(datamodule.data_dir).glob("*/")]
 
 
-def interrupted(cfg: DictConfig, stop: runner.SignalStop, start: float, lock) -> dict:
+def interrupted(
+    cfg: DictConfig, stop: runner.SignalStop, start: float, lock, ckpt_path: str | None
+) -> dict:
     """results.json of a run stopped by a signal: epochs saved and the command that resumes."""
     hc = HydraConfig.get()
     last = runner.existing(last_checkpoint(cfg))
     if last is not None and lock is not None and Path(last).stat().st_mtime < lock.mtime:
         last = None  # an older run's file (same filesystem clock as the lock taken at start)
-    if cfg.ckpt_path is not None and last is None and cfg.train:
-        last = runner.existing(cfg.ckpt_path)  # stopped before its first checkpoint
+    if ckpt_path is not None and last is None and cfg.train:
+        last = runner.existing(ckpt_path)  # stopped before its first checkpoint
     resume = runner.resume_command(
         hc.runtime.cwd,
         sys.executable,
@@ -409,7 +467,18 @@ def fail(message: str, code: int = 2, out_dir: Path | None = None) -> None:
     print(f"error: {message}", file=sys.stderr)
     if out_dir is not None and out_dir.is_dir():
         file_log.error(message)
+    sweep_stops()
     sys.exit(code)
+
+
+def sweep_stops() -> None:
+    """A -m sweep that ends at this job (a signal, a refusal) still writes and prints its
+    summary so far (rank 0 only)."""
+    from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        if rank_zero_only.rank == 0:
+            sweeps.report(HydraConfig.get().sweep.dir)
 
 
 def fresh(out_dir: Path) -> bool:
@@ -423,8 +492,9 @@ def fresh(out_dir: Path) -> bool:
 def refuse(message: str, out_dir: Path, was_fresh: bool) -> None:
     """Stop with exit code 2; a run folder made for this job that holds no checkpoint goes."""
     checkpoints = out_dir / "checkpoints"
-    if (
+    if (  # inside a -m sweep the folder stays: the sweep summary lists the job as refused
         was_fresh
+        and HydraConfig.get().mode != RunMode.MULTIRUN
         and not (checkpoints.is_dir() and any(checkpoints.iterdir()))
         and not (out_dir / files.RunLock.NAME).exists()  # another run's (ours is released)
         and out_dir not in (Path.cwd(), *Path.cwd().parents)
@@ -455,6 +525,13 @@ def main(cfg: DictConfig) -> float | None:
     verbose = bool(cfg.get("verbose", False))
     if verbose:
         logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.INFO)
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    done = finished(cfg, out_dir, resolved) if multirun and not cfg.get("rerun") else None
+    if done is not None:  # a rerun sweep: this job is done (rerun=true runs it again)
+        line = f"skipped {out_dir}: done (results.json: ok; rerun=true runs it again)"
+        print(line)
+        file_log.info(line)
+        return done.get(cfg.objective)
     prepare_process()  # allocator tuned for large CPU tensors; a hint when the CPU is busy
     rank0 = rank_zero_only.rank == 0
     start = time.perf_counter()
@@ -467,12 +544,13 @@ def main(cfg: DictConfig) -> float | None:
                 if rank0:
                     write_config(out_dir, resolved, verbose)
 
+            ckpt_path = resume_path(cfg)
             try:
-                summary = train_and_test(cfg, stop, checked)
+                summary = train_and_test(cfg, stop, ckpt_path, checked)
             except BaseException:
                 if stop.signum is None:
                     raise
-                summary = interrupted(cfg, stop, start, lock)
+                summary = interrupted(cfg, stop, start, lock, ckpt_path)
             stop.quiet = True  # the work is done: a signal now waits until results.json is written
             if rank0:  # one results.json per run, also under DDP
                 write_results(out_dir, summary)
@@ -496,6 +574,7 @@ def main(cfg: DictConfig) -> float | None:
         fail(message + skipped_jobs(), code=stop.exit_code, out_dir=out_dir)
     if stop.signum is not None:  # arrived as this job ended: its results stand, a sweep stops
         print(f"error: {stop.name} received as the run ended{skipped_jobs()}", file=sys.stderr)
+        sweep_stops()
         sys.exit(stop.exit_code)
     if summary["status"] != "ok":
         message = f"{summary['error']} (results.json: {out_dir}/results.json)"
@@ -509,6 +588,39 @@ def main(cfg: DictConfig) -> float | None:
         print(line)
         file_log.info(line)
     return summary.get(cfg.objective)  # what a sweeper such as Optuna optimises
+
+
+def finished(cfg: DictConfig, out_dir: Path, resolved: dict) -> dict | None:
+    """The results.json of a job already done as this one would do it (status ok, its
+    config.yaml the same settings as this job's, see ``settings``), else None."""
+    try:
+        done = json.loads((out_dir / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(done, dict) or done.get("status") != "ok" or done.get("smoke"):
+        return None
+    if not cfg.train or (done.get("epoch") or 0) < cfg.trainer.max_epochs:
+        return None  # an evaluation, or more epochs asked: resume_path continues it
+    try:  # the config the job ran with, as this job has it (a search's trial: another lr)
+        before = OmegaConf.to_container(OmegaConf.load(out_dir / "config.yaml"))
+    except Exception:
+        return None
+    return done if settings(before) == settings(resolved) else None
+
+
+def settings(resolved: dict) -> dict:
+    """What a job computes from: its resolved config less where data and outputs live and how
+    the run reports (paths, data locations, loggers, the progress display, verbose, rerun)."""
+    out = {k: v for k, v in resolved.items() if k not in ("paths", "logger", "verbose", "rerun")}
+    out["dataset"] = {
+        k: v
+        for k, v in (resolved.get("dataset") or {}).items()
+        if k not in ("data_dir", "cache", "cache_dir", "download")
+    }
+    out["callbacks"] = {
+        k: v for k, v in (resolved.get("callbacks") or {}).items() if k != "progress"
+    }
+    return out
 
 
 def write_results(out_dir: Path, summary: dict) -> None:

@@ -50,6 +50,9 @@ def silence_library_noise() -> None:
         message=r"The number of training batches \(\d+\) is smaller than the logging interval",
         module=r"pytorch_lightning\.loops\.fit_loop",
     )
+    # a run dir with checkpoints is resumed (saying so) or, with rerun=true, started over on
+    # purpose (run.py's resume_path): Lightning's warning adds nothing
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
 def epoch_line(trainer: pl.Trainer, seconds: float) -> str:

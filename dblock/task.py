@@ -190,6 +190,17 @@ class SNNTask(pl.LightningModule):
                 "run stops and keeps the checkpoints of the last good epoch (try a lower task.lr)"
             )
         checkpoint["epoch_times"] = list(self.epoch_times)
+        # this epoch's training row of the metric logs, which loggers get only after the
+        # checkpoints are written: a run killed in between gets it back on resume (metrics_log)
+        checkpoint["epoch_log"] = {
+            "epoch": self.current_epoch,
+            "step": self.trainer.global_step - 1,
+            **{
+                k: float(v)
+                for k, v in self.trainer.callback_metrics.items()
+                if k.startswith("train/") or k == "lr"
+            },
+        }
         checkpoint["rng"] = rng_state()
         if self.run_config is not None:
             checkpoint["dblock_config"] = self.run_config

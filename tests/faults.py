@@ -58,19 +58,30 @@ class KillAtTest(pl.Callback):
 class SignalAt(pl.Callback):
     """Send ``signal`` (a name: SIGTERM, SIGINT, SIGUSR1) to this process at batch ``batch`` of
     epoch ``epoch``; ``unless_resumed``: not in a run resumed from a checkpoint; ``rank``: in
-    that DDP process only."""
+    that DDP process only; ``job``: only in that job (Hydra's job number) of a ``-m`` sweep."""
 
     def __init__(
-        self, epoch: int, batch: int = 1, signal: str = "SIGTERM", unless_resumed=False, rank=None
+        self,
+        epoch: int,
+        batch: int = 1,
+        signal: str = "SIGTERM",
+        unless_resumed=False,
+        rank=None,
+        job=None,
     ):
         self.epoch, self.batch, self.signal = epoch, batch, signal
-        self.unless_resumed, self.rank = unless_resumed, rank  # rank: only that DDP process
+        self.unless_resumed, self.rank, self.job = unless_resumed, rank, job
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.unless_resumed and trainer.ckpt_path is not None:
             return
         if self.rank is not None and trainer.global_rank != self.rank:
             return
+        if self.job is not None:
+            from hydra.core.hydra_config import HydraConfig
+
+            if HydraConfig.get().job.num != self.job:
+                return
         if trainer.current_epoch == self.epoch and batch_idx == self.batch:
             os.kill(os.getpid(), getattr(signal, self.signal))
 
