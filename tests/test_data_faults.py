@@ -1,0 +1,62 @@
+"""Data files under faults: parallel jobs sharing a data dir, full disks while data is generated,
+read-only data dirs, kills during a download's extraction, damaged cache entries."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from datamodules.bursts import BurstsDataModule
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- W1: generated data is keyed by its settings ----------------------------------------------
+
+
+def test_jobs_with_other_generated_settings_never_read_each_others_data(tmp_path):
+    """One job generates, a second job with another n_train generates into the same data dir,
+    then the first reads its split: it must get its own samples, not the second's."""
+    a = BurstsDataModule(tmp_path, n_train=32, n_test=8, val_fraction=0, cache=False)
+    b = BurstsDataModule(tmp_path, n_train=64, n_test=8, val_fraction=0, cache=False)
+    a.prepare_data()
+    b.prepare_data()
+    assert len(a.load_split("train")) == 32
+    assert len(b.load_split("train")) == 64
+    c = BurstsDataModule(tmp_path, n_train=32, n_test=8, data_seed=1, val_fraction=0, cache=False)
+    c.prepare_data()
+    assert not (a.load_split("train").labels == c.load_split("train").labels).all()
+
+
+CONCURRENT = """
+import sys
+from datamodules.bursts import BurstsDataModule
+root, n = sys.argv[1], int(sys.argv[2])
+got = []
+for seed in range(4):
+    dm = BurstsDataModule(root, n_train=n, n_test=8, data_seed=seed, val_fraction=0,
+                          cache=seed % 2 == 0)
+    dm.prepare_data()
+    dm.setup()
+    got.append(len(dm.stores["train"]))
+print(*got)
+"""
+
+
+def test_concurrent_processes_with_other_sizes_read_their_own_data(tmp_path):
+    """Real concurrent processes over one data dir, each generating and reading its own size
+    for the same seeds (the ``-m dataset.n_train=256,4096`` joblib sweep of issue 16, W1)."""
+    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    sizes = (100, 400, 100, 400)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CONCURRENT, str(tmp_path), str(n)],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for n in sizes
+    ]
+    for n, proc in zip(sizes, procs, strict=True):
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+        assert out.split() == [str(n)] * 4, (n, out)
