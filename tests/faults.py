@@ -335,3 +335,14 @@ def run_cli(args, tmp_path, check=True, env=None):
         assert done.returncode == 0, done.stderr[-3000:]
     return done
 
+
+
+def on_small_disk(args: list[str], mount: Path, size: str, cwd, env: dict, timeout: int = 600):
+    """Run ``args`` with a real ``size`` tmpfs mounted at ``mount`` (created if missing): a disk
+    that really fills up, for code that writes through C libraries (libhdf5) which patching
+    Python's ``open`` cannot reach. The mount lives in a private mount namespace of the command
+    (``unshare -Urm``: no root needed where user namespaces are allowed; gone when it ends)."""
+    Path(mount).mkdir(parents=True, exist_ok=True)
+    script = 'mount -t tmpfs -o size="$1" tmpfs "$2" && shift 2 && exec "$@"'
+    cmd = ["unshare", "-Urm", "sh", "-c", script, "sh", size, str(mount), *map(str, args)]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

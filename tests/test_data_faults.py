@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from datamodules.bursts import BurstsDataModule
+from tests.faults import TINY, on_small_disk, run_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,6 +33,7 @@ def test_jobs_with_other_generated_settings_never_read_each_others_data(tmp_path
 CONCURRENT = """
 import sys
 from datamodules.bursts import BurstsDataModule
+from tests.faults import TINY, on_small_disk, run_env
 root, n = sys.argv[1], int(sys.argv[2])
 got = []
 for seed in range(4):
@@ -60,3 +62,22 @@ def test_concurrent_processes_with_other_sizes_read_their_own_data(tmp_path):
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-2000:]
         assert out.split() == [str(n)] * 4, (n, out)
+
+
+# --- C1: a full disk while the generated data is written ------------------------------------
+
+
+def test_full_disk_while_generating_data_is_one_line_exit_3(tmp_path):
+    """A real 64 KiB filesystem as the data dir: generating bursts runs out of space. One
+    ``error:`` line naming the file, exit 3, no traceback, no crash of libhdf5 (was exit 139)."""
+    data = tmp_path / "small"
+    done = on_small_disk(
+        [sys.executable, ROOT / "run.py", *TINY, "dataset.n_train=2048", "logger=none",
+         f"paths.data_dir={data}", f"hydra.run.dir={tmp_path / 'run'}"],
+        data, "64k", cwd=tmp_path, env=run_env(tmp_path),
+    )
+    assert done.returncode == 3, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr[-3000:]
+    assert lines[0].startswith(f"error: no space left on the device writing {data}/BURSTS/")
+    assert "Traceback" not in done.stdout + done.stderr
