@@ -76,6 +76,7 @@ def test_full_disk_is_one_message_naming_the_path_and_free_space(tmp_path):
 
 def test_write_h5_failure_leaves_no_temp_file(tmp_path):
     path = tmp_path / "BURSTS" / "bursts_train.h5"
+    path.parent.mkdir()
     times = [np.array([0.1, 0.2]), np.array([0.3])]
     with pytest.raises(ValueError):  # 3 unit lists for 2 time lists: fails mid-write
         write_h5(path, times, [np.array([1, 2]), np.array([3]), np.array([4])], np.array([0, 1]))
