@@ -25,6 +25,7 @@ import numpy as np
 from datamodules.base import EventDataModule
 from datamodules.checks import DataError, path_status
 from datamodules.events import EventStore, h5_time_hint, read_h5, write_h5
+from dblock.values import positive_int
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +93,7 @@ class BurstsDataModule(EventDataModule):
         if n_classes != 2 * len(PAIRS):
             raise ValueError(f"bursts has {2 * len(PAIRS)} classes, got n_classes={n_classes}")
         for name, n in (("n_train", n_train), ("n_test", n_test)):
-            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-                raise ValueError(f"dataset.{name} must be an integer >= 1, got {n!r}")
+            positive_int(f"dataset.{name}", n)
         self.sizes = {"train": n_train, "test": n_test}
         self.data_seed = data_seed
 

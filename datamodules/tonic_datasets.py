@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from datamodules.base import EventDataModule
 from datamodules.checks import DataError, check_events, path_status
 from datamodules.events import EventStore, concat_stores, h5_time_hint, read_h5, store_from_flat
+from dblock.values import boolean
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class TonicDataModule(EventDataModule):
 
     def __init__(self, data_dir: str | Path, *args, download: bool = True, **kwargs) -> None:
         super().__init__(data_dir, *args, **kwargs)
-        self.download = download
+        self.download = boolean("dataset.download", download)
 
     def path(self, split: str) -> Path:  # pragma: no cover - abstract
         raise NotImplementedError

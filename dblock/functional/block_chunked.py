@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 
 from dblock.functional.block_kernel import block_groups, decay_powers
+from dblock.values import positive_int
 
 _INDEX: dict[tuple, Tensor] = {}
 
@@ -64,10 +65,8 @@ def chunk_plan(lengths: list[int], chunk: int | None = None) -> tuple[int, int]:
     longest = max(lengths)
     if chunk is None:
         c = math.isqrt(longest - 1) + 1
-    elif isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"chunk must be a positive integer number of steps or None, got {chunk!r}")
     else:
-        c = min(chunk, longest)
+        c = min(positive_int("chunk", chunk), longest)
     return c, -(-longest // c)
 
 
