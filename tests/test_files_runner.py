@@ -100,7 +100,8 @@ def test_orphan_temp_files_of_dead_writers_are_removed(tmp_path):
 def test_run_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path, caplog):
     lock = tmp_path / ".lock"
     with files.RunLock(tmp_path):
-        assert json.loads(lock.read_text()) == {"pid": os.getpid(), "host": files.HOST}
+        assert json.loads(lock.read_text()) == files.identity()
+        assert files.identity()["pid"] == os.getpid() and files.identity()["host"] == files.HOST
         with pytest.raises(ConfigError, match=f"in use by pid {os.getpid()}"):
             files.RunLock(tmp_path).acquire()
     assert not lock.exists()
