@@ -65,8 +65,7 @@ def build(cfg: DictConfig):
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.dataset, _convert_="all")
     # generated data, or files that will be downloaded, need only a writable data_dir
-    creates = getattr(datamodule, "generated", False) or getattr(datamodule, "download", False)
-    check_data_dir(datamodule.data_dir, creates)
+    check_data_dir(datamodule.data_dir, datamodule.writes_data_dir())
     check_selection(cfg.selection.monitor, datamodule.has_val)
     task = instantiate(cfg.task, model=instantiate(cfg.model), _convert_="all")
     task.run_config = run_config(cfg)  # stored in every checkpoint, checked on resume / eval

@@ -176,6 +176,11 @@ class EventDataModule(pl.LightningDataModule):
         self._on_device: dict[tuple[str, str], EventStore] = {}
         self._buffers = BatchBuffers()  # batch memory reused once the step is done with it
 
+    def writes_data_dir(self) -> bool:
+        """Whether preparing the data writes files into ``data_dir`` (generated data; files to
+        download); otherwise a read-only ``data_dir`` will do (the cache then only warns)."""
+        return self.generated
+
     @property
     def has_val(self) -> bool:
         """Whether there is a validation split: ``val_fraction > 0`` (valid file or hold-out)."""

@@ -93,6 +93,10 @@ class TonicDataModule(EventDataModule):
         """Instantiate tonic's dataset for ``split``: downloads and extracts when missing."""
         raise NotImplementedError
 
+    def writes_data_dir(self) -> bool:
+        """Only a split that is missing and will be downloaded needs a writable ``data_dir``."""
+        return self.download and not all(self.present(s) for s in self.needed_splits())
+
     def needed_splits(self) -> tuple[str, ...]:
         if "valid" in self.splits and self.val_fraction == 0:
             return tuple(s for s in self.splits if s != "valid")

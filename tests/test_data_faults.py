@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from datamodules.bursts import BurstsDataModule
-from tests.faults import TINY, on_small_disk, run_env
+from tests.faults import TINY, on_read_only, on_small_disk, run_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +33,8 @@ def test_jobs_with_other_generated_settings_never_read_each_others_data(tmp_path
 CONCURRENT = """
 import sys
 from datamodules.bursts import BurstsDataModule
-from tests.faults import TINY, on_small_disk, run_env
+from tests.conftest import shd_dir  # noqa: F401  (fixture)
+from tests.faults import TINY, on_read_only, on_small_disk, run_env
 root, n = sys.argv[1], int(sys.argv[2])
 got = []
 for seed in range(4):
@@ -81,3 +82,21 @@ def test_full_disk_while_generating_data_is_one_line_exit_3(tmp_path):
     assert len(lines) == 1, done.stderr[-3000:]
     assert lines[0].startswith(f"error: no space left on the device writing {data}/BURSTS/")
     assert "Traceback" not in done.stdout + done.stderr
+
+
+# --- U1: complete files in a read-only data dir ---------------------------------------------
+
+
+def test_complete_shd_files_in_a_read_only_data_dir_are_read(shd_dir, tmp_path):
+    """Downloading is on by default, but nothing is missing: the run reads the files, and the
+    cache that cannot be written costs only a warning (was: refused, "cannot be created or
+    written")."""
+    done = on_read_only(
+        [sys.executable, ROOT / "run.py", "dataset=shd", f"paths.data_dir={shd_dir}",
+         "debug=default", "n_hidden=8", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"],
+        shd_dir, cwd=tmp_path, env=run_env(tmp_path),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "cannot write the cache" in done.stderr + done.stdout
+    assert (tmp_path / "run" / "results.json").is_file()
+    assert sorted(p.name for p in shd_dir.iterdir()) == ["SHD"]  # nothing written there
