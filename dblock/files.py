@@ -230,7 +230,8 @@ def pid_alive(pid: int) -> bool:
 
 
 def remove_orphans(directories: Iterable[str | Path]) -> list[Path]:
-    """Delete temp files (``<name>.<pid>[@<host>[.<ns>-<start>]].tmp``) whose writer is gone.
+    """Delete temp files and staging folders (``<name>.<pid>[@<host>[.<ns>-<start>]].tmp``)
+    whose writer is gone.
 
     Only files written on this host, in this PID namespace and boot, by a process that no longer
     exists (or whose pid now names a process started at another time) are removed: parallel
@@ -256,7 +257,7 @@ def remove_orphans(directories: Iterable[str | Path]) -> list[Path]:
             if pid_alive(pid) and (start is None or start_time(pid) in (None, start)):
                 continue
             try:
-                p.unlink()
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
             except OSError:
                 continue
             removed.append(p)

@@ -100,3 +100,67 @@ def test_complete_shd_files_in_a_read_only_data_dir_are_read(shd_dir, tmp_path):
     assert "cannot write the cache" in done.stderr + done.stdout
     assert (tmp_path / "run" / "results.json").is_file()
     assert sorted(p.name for p in shd_dir.iterdir()) == ["SHD"]  # nothing written there
+
+
+# --- U3: a kill during the download's extraction --------------------------------------------
+
+EXTRACT_AND_DIE = """
+import os, shutil, signal, sys, urllib.error, urllib.request
+import tonic
+from datamodules.tonic_datasets import SHDDataModule
+
+def offline(*args, **kwargs):
+    raise urllib.error.URLError("no network")
+
+urllib.request.urlopen = offline  # the archive in place must be reused: nothing is fetched
+tonic.datasets.SHD.train_md5 = sys.argv[2]
+if sys.argv[3] == "die":
+    copy = shutil.copyfileobj
+
+    def copy_then_die(src, dst, length=0):  # zipfile's extraction: part of the bytes, then kill -9
+        dst.write(src.read(4096))
+        dst.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    shutil.copyfileobj = copy_then_die
+dm = SHDDataModule(sys.argv[1], n_in=700, n_classes=20, t_len=500, dt_ms=2.0, val_fraction=0)
+print(len(dm.load_split("train")))
+"""
+
+
+def test_kill_during_extraction_leaves_no_partial_file_and_the_archive_is_reused(tmp_path):
+    """A verified archive in place, a kill -9 in the middle of tonic's extraction, then a rerun
+    offline: no partial shd_train.h5 is left (was: a cut file that stopped every rerun), and the
+    rerun extracts the archive already there (its md5 checked by tonic) without a download."""
+    import hashlib
+    import zipfile
+
+    from datamodules.events import write_h5
+    from tests.conftest import random_events
+
+    src = tmp_path / "src" / "shd_train.h5"
+    write_h5(src, *random_events(40, 700, 20, 0))
+    folder = tmp_path / "data" / "SHD"
+    folder.mkdir(parents=True)
+    archive = folder / "shd_train.h5.zip"
+    with zipfile.ZipFile(archive, "w") as z:  # the real archive's layout: the file at its root
+        z.write(src, "shd_train.h5")
+    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+
+    def run(mode):
+        return subprocess.run(
+            [sys.executable, "-c", EXTRACT_AND_DIE, tmp_path / "data", md5, mode],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        )
+
+    killed = run("die")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not (folder / "shd_train.h5").exists()
+    assert archive.read_bytes() and hashlib.md5(archive.read_bytes()).hexdigest() == md5
+    rerun = run("live")
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert rerun.stdout.splitlines()[-1] == "40"
+    assert "Using downloaded and verified file" in rerun.stdout  # tonic's md5 check, no fetch
+    assert (folder / "shd_train.h5").read_bytes() == src.read_bytes()
+    assert sorted(p.name for p in folder.iterdir()) == ["shd_train.h5", "shd_train.h5.zip"]
