@@ -164,3 +164,38 @@ def test_kill_during_extraction_leaves_no_partial_file_and_the_archive_is_reused
     assert "Using downloaded and verified file" in rerun.stdout  # tonic's md5 check, no fetch
     assert (folder / "shd_train.h5").read_bytes() == src.read_bytes()
     assert sorted(p.name for p in folder.iterdir()) == ["shd_train.h5", "shd_train.h5.zip"]
+
+
+# --- W4: what the cache's checksums protect, and entries checked as data ---------------------
+
+
+def test_cache_entry_with_recomputed_checksums_is_still_checked_as_data(shd_dir):
+    """The checksums live in the entry: rewriting the arrays with their checksums passes them.
+    Such an entry is still data, never trusted: arrays out of range for the run's settings
+    (units beyond n_in, bins beyond T) or a record whose sizes differ from the run's are
+    rebuilt from the source, not used (was: loaded, sizes taken from the entry's own record)."""
+    import json
+
+    import numpy as np
+    import torch
+
+    from datamodules import cache
+    from datamodules.tonic_datasets import SHDDataModule
+
+    dm = SHDDataModule(shd_dir, n_in=700, n_classes=20, t_len=500, dt_ms=2.0)
+    ref = dm.load_split("train")
+    (entry,) = (shd_dir / "cache" / "shd").glob("shd_train-*.npz")
+    key = entry.stem.split("-")[-1]
+    fields = ("units", "bins", "offsets", "labels", "dropped", "raw_counts", "repeats")
+    arrays = {k: getattr(ref, k).clone() for k in fields}
+    bad_units = dict(arrays, units=arrays["units"] + 700)  # beyond n_in, checksums recomputed
+    bad_size = dict(arrays)
+    for tampered, n_in in ((bad_units, 700), (bad_size, 800)):
+        store = cache.EventStore(n_in=n_in, t_len=500, **tampered)
+        cache.save_store(entry, store, key)
+        with np.load(entry) as z:  # its own checksums pass
+            crc = {i.filename: i.CRC for i in z.zip.infolist() if i.filename != "meta.npy"}
+            assert crc == json.loads(str(z["meta"]))["crc"]
+        again = SHDDataModule(shd_dir, n_in=700, n_classes=20, t_len=500, dt_ms=2.0)
+        loaded = again.load_split("train")
+        assert loaded.n_in == 700 and torch.equal(loaded.units, ref.units)
