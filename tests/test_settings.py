@@ -89,3 +89,16 @@ def test_run_py_refuses_a_non_boolean_switch_in_one_line(tmp_path):
         "recurrent=false"
     ]
     assert not out.exists()
+
+
+def test_wandb_prints_no_anonymous_setting_warning(tmp_path):
+    """Lightning passes ``anonymous=None`` to ``wandb.init``, which warns "The anonymous setting
+    has no effect" for any value given: the run passes none (wandb not silenced here)."""
+    out = tmp_path / "run"
+    proc = run_cli(
+        [*TINY, "logger=wandb", "trainer.max_epochs=1", f"hydra.run.dir={out}"],
+        tmp_path,
+        env={"WANDB_SILENT": "false"},
+    )
+    assert "The anonymous setting" not in proc.stdout + proc.stderr, proc.stderr[-2000:]
+    assert list((out / "wandb").glob("offline-run-*"))
