@@ -34,7 +34,7 @@ from dblock.config_check import (
     check_selection,
     first_line,
 )
-from dblock.console import file_log, silence_library_noise
+from dblock.console import file_log, job_prefix, set_job_label, silence_library_noise
 from dblock.runtime import prepare_process
 from dblock.task import NonFiniteError, order_checkpoints
 
@@ -365,7 +365,7 @@ def validate(cfg: DictConfig) -> dict:
 def fail(message: str, code: int = 2, out_dir: Path | None = None) -> None:
     """``error: message`` on stderr (and in the run's log file when the run keeps its folder),
     then exit with ``code``."""
-    print(f"error: {message}", file=sys.stderr)
+    print(f"{job_prefix()}error: {message}", file=sys.stderr)
     if out_dir is not None and out_dir.is_dir():
         file_log.error(message)
     sys.exit(code)
@@ -406,6 +406,7 @@ def main(cfg: DictConfig) -> float | None:
 
     silence_library_noise()
     out_dir = Path(HydraConfig.get().runtime.output_dir)
+    set_job_label(parallel_job_label())
     was_fresh = fresh(out_dir)
     try:
         resolved = validate(cfg)
@@ -451,20 +452,35 @@ def main(cfg: DictConfig) -> float | None:
             message += f"; resume with: {summary['resume']}"
         fail(message + skipped_jobs(), code=stop.exit_code, out_dir=out_dir)
     if stop.signum is not None:  # arrived as this job ended: its results stand, a sweep stops
-        print(f"error: {stop.name} received as the run ended{skipped_jobs()}", file=sys.stderr)
+        print(
+            f"{job_prefix()}error: {stop.name} received as the run ended{skipped_jobs()}",
+            file=sys.stderr,
+        )
         sys.exit(stop.exit_code)
     if summary["status"] != "ok":
         message = f"{summary['error']} (results.json: {out_dir}/results.json)"
         if HydraConfig.get().mode == RunMode.MULTIRUN:  # the sweep's other jobs still run
-            print(f"error: {message}", file=sys.stderr)
+            print(f"{job_prefix()}error: {message}", file=sys.stderr)
             file_log.error(message)
             return None
         fail(message, code=3, out_dir=out_dir)
     if rank0:
         line = runner.one_line(summary, str(out_dir), trained=cfg.train)
-        print(line)
+        print(job_prefix() + line)
         file_log.info(line)
     return summary.get(cfg.objective)  # what a sweeper such as Optuna optimises
+
+
+def parallel_job_label() -> str:
+    """The label of this job when a sweep's jobs run side by side (any launcher but Hydra's
+    basic one, which runs them one after another): its folder's name, which names it by the
+    values it sweeps (``dataset.n_train=256``) or its number. Empty otherwise."""
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN or str(hc.launcher.get("_target_", "")).endswith(
+        "BasicLauncher"
+    ):
+        return ""
+    return Path(hc.runtime.output_dir).name
 
 
 def write_results(out_dir: Path, summary: dict) -> None:

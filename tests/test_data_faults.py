@@ -3,12 +3,15 @@ read-only data dirs, kills during a download's extraction, damaged cache entries
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from datamodules.bursts import BurstsDataModule
-from tests.faults import TINY, on_read_only, on_small_disk, run_env
+from tests.faults import TINY, on_read_only, on_small_disk, run_cli, run_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -199,3 +202,31 @@ def test_cache_entry_with_recomputed_checksums_is_still_checked_as_data(shd_dir)
         again = SHDDataModule(shd_dir, n_in=700, n_classes=20, t_len=500, dt_ms=2.0)
         loaded = again.load_split("train")
         assert loaded.n_in == 700 and torch.equal(loaded.units, ref.units)
+
+
+# --- parallel jobs: their own data, labelled lines ------------------------------------------
+
+
+@pytest.mark.slow
+def test_parallel_joblib_sweep_jobs_read_their_own_data_and_label_their_lines(tmp_path):
+    """The sweep of issue 16, W1, through run.py: two jobs side by side (joblib) on a fresh
+    data dir, each generating its own data. Each job logs its own sample count, and every line
+    a job prints carries its label (its folder: the value it sweeps)."""
+    out = tmp_path / "sweep"
+    proc = run_cli(
+        ["-m", *TINY, "dataset.n_train=200,400", "trainer.max_epochs=1", "logger=none",
+         "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={out}"],
+        tmp_path,
+    )
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    for n in (200, 400):
+        label = f"[dataset.n_train={n}] "
+        own = "\n".join(line[len(label):] for line in lines if line.startswith(label))
+        train = re.search(r"^bursts train: (\d+) samples", own, re.M)
+        val = re.search(r"^bursts val: (\d+) samples", own, re.M)
+        assert train and val and int(train[1]) + int(val[1]) == n, own
+        assert re.search(r"^epoch 1/1: ", own, re.M) and re.search(r"^dblock d=10", own, re.M)
+    # job lines are all labelled (Hydra's own launcher lines are the sweep's, not a job's)
+    unlabelled = [line for line in lines if not line.startswith("[")]
+    assert all(line.startswith("[") or "Launching" in line or "#" in line
+               for line in unlabelled), unlabelled
