@@ -37,7 +37,7 @@ from dblock.config_check import (
     check_selection,
     first_line,
 )
-from dblock.console import file_log, silence_library_noise
+from dblock.console import file_log, job_prefix, set_job_label, silence_library_noise
 from dblock.runtime import prepare_process
 from dblock.task import CheckpointWriteError, NonFiniteError, StopTogether, order_checkpoints
 
@@ -69,8 +69,7 @@ def build(cfg: DictConfig, ckpt_path: str | None = None):
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.dataset, _convert_="all")
     # generated data, or files that will be downloaded, need only a writable data_dir
-    creates = getattr(datamodule, "generated", False) or getattr(datamodule, "download", False)
-    check_data_dir(datamodule.data_dir, creates)
+    check_data_dir(datamodule.data_dir, datamodule.writes_data_dir())
     check_selection(cfg.selection.monitor, datamodule.has_val)
     task = instantiate(cfg.task, model=instantiate(cfg.model), _convert_="all")
     task.run_config = run_config(cfg)  # stored in every checkpoint, checked on resume / eval
@@ -464,7 +463,7 @@ def validate(cfg: DictConfig) -> dict:
 def fail(message: str, code: int = 2, out_dir: Path | None = None) -> None:
     """``error: message`` on stderr (and in the run's log file when the run keeps its folder),
     then exit with ``code``."""
-    print(f"error: {message}", file=sys.stderr)
+    print(f"{job_prefix()}error: {message}", file=sys.stderr)
     if out_dir is not None and out_dir.is_dir():
         file_log.error(message)
     sweep_stops()
@@ -517,6 +516,7 @@ def main(cfg: DictConfig) -> float | None:
 
     silence_library_noise()
     out_dir = Path(HydraConfig.get().runtime.output_dir)
+    set_job_label(parallel_job_label())
     was_fresh = fresh(out_dir)
     try:
         resolved = validate(cfg)
@@ -573,19 +573,22 @@ def main(cfg: DictConfig) -> float | None:
             message += f"; resume with: {summary['resume']}"
         fail(message + skipped_jobs(), code=stop.exit_code, out_dir=out_dir)
     if stop.signum is not None:  # arrived as this job ended: its results stand, a sweep stops
-        print(f"error: {stop.name} received as the run ended{skipped_jobs()}", file=sys.stderr)
+        print(
+            f"{job_prefix()}error: {stop.name} received as the run ended{skipped_jobs()}",
+            file=sys.stderr,
+        )
         sweep_stops()
         sys.exit(stop.exit_code)
     if summary["status"] != "ok":
         message = f"{summary['error']} (results.json: {out_dir}/results.json)"
         if HydraConfig.get().mode == RunMode.MULTIRUN:  # the sweep's other jobs still run
-            print(f"error: {message}", file=sys.stderr)
+            print(f"{job_prefix()}error: {message}", file=sys.stderr)
             file_log.error(message)
             return None
         fail(message, code=3, out_dir=out_dir)
     if rank0:
         line = runner.one_line(summary, str(out_dir), trained=cfg.train)
-        print(line)
+        print(job_prefix() + line)
         file_log.info(line)
     return summary.get(cfg.objective)  # what a sweeper such as Optuna optimises
 
@@ -621,6 +624,18 @@ def settings(resolved: dict) -> dict:
         k: v for k, v in (resolved.get("callbacks") or {}).items() if k != "progress"
     }
     return out
+
+
+def parallel_job_label() -> str:
+    """The label of this job when a sweep's jobs run side by side (any launcher but Hydra's
+    basic one, which runs them one after another): its folder's name, which names it by the
+    values it sweeps (``dataset.n_train=256``) or its number. Empty otherwise."""
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN or str(hc.launcher.get("_target_", "")).endswith(
+        "BasicLauncher"
+    ):
+        return ""
+    return Path(hc.runtime.output_dir).name
 
 
 def write_results(out_dir: Path, summary: dict) -> None:

@@ -27,6 +27,7 @@ from datamodules.cache import cached_store
 from datamodules.checks import DataError, check_dropped
 from datamodules.events import EventStore
 from dblock.config_check import INPUTS
+from dblock.values import boolean, is_number, positive_int
 
 log = logging.getLogger(__name__)
 
@@ -171,11 +172,10 @@ class EventDataModule(pl.LightningDataModule):
             choices = ", ".join(INPUTS)
             raise ValueError(f"dataset.input={input!r} is unknown; choose one of: {choices}")
         self.input = input
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"dataset.batch_size must be an integer >= 1, got {batch_size!r}")
+        positive_int("dataset.batch_size", batch_size)
+        boolean("dataset.cache", cache)
         fraction = max_dropped_fraction
-        number = isinstance(fraction, int | float) and not isinstance(fraction, bool)
-        if not number or not 0 <= fraction <= 1:
+        if not is_number(fraction) or not 0 <= fraction <= 1:
             raise ValueError(
                 "dataset.max_dropped_fraction must be a number in [0, 1], got "
                 f"{max_dropped_fraction!r}"
@@ -192,6 +192,11 @@ class EventDataModule(pl.LightningDataModule):
         self.split_indices: dict[str, tuple[str, np.ndarray]] = {}
         self._on_device: dict[tuple[str, str], EventStore] = {}
         self._buffers = BatchBuffers()  # batch memory reused once the step is done with it
+
+    def writes_data_dir(self) -> bool:
+        """Whether preparing the data writes files into ``data_dir`` (generated data; files to
+        download); otherwise a read-only ``data_dir`` will do (the cache then only warns)."""
+        return self.generated
 
     @property
     def has_val(self) -> bool:

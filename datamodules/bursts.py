@@ -6,7 +6,10 @@ the same number of times on average and differ only in which group fires first, 
 only counts spikes per channel cannot exceed about 50 %; the rest needs time.
 
 The events are generated once, deterministically from a seed, and written in the exact SHD
-HDF5 layout under ``<data_dir>/BURSTS/``, then read back by the same loader SHD uses.
+HDF5 layout under ``<data_dir>/BURSTS/``, then read back by the same loader SHD uses. Each file
+is named by a hash of the settings that generated it (``bursts_train-<key>.h5``): parallel jobs
+with other settings write other files, so no job ever reads another's data; jobs with the same
+settings write the same bytes (each through its own temp file, renamed atomically).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import numpy as np
 from datamodules.base import EventDataModule
 from datamodules.checks import DataError, path_status
 from datamodules.events import EventStore, h5_time_hint, read_h5, write_h5
+from dblock.values import positive_int
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +71,8 @@ def generate(
 
 
 class BurstsDataModule(EventDataModule):
-    """The generated burst-order dataset in SHD layout: ``BURSTS/bursts_{train,test}.h5``.
+    """The generated burst-order dataset in SHD layout: ``BURSTS/bursts_{train,test}-<key>.h5``,
+    ``<key>`` a hash of the generator's settings of that split.
 
     Args:
         data_dir: the data root; the files are generated into ``<data_dir>/BURSTS/``.
@@ -101,13 +106,13 @@ class BurstsDataModule(EventDataModule):
         if n_classes != 2 * len(PAIRS):
             raise ValueError(f"bursts has {2 * len(PAIRS)} classes, got n_classes={n_classes}")
         for name, n in (("n_train", n_train), ("n_test", n_test)):
-            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-                raise ValueError(f"dataset.{name} must be an integer >= 1, got {n!r}")
+            positive_int(f"dataset.{name}", n)
         self.sizes = {"train": n_train, "test": n_test}
         self.data_seed = data_seed
 
     def path(self, split: str) -> Path:
-        return self.data_dir / "BURSTS" / f"bursts_{split}.h5"
+        """The file of ``split``, named by its generator's settings (SPEC §6: SHD layout)."""
+        return self.data_dir / "BURSTS" / f"bursts_{split}-{self._params(split)[:12]}.h5"
 
     def source(self, split: str) -> str:
         return str(self.path(split))
@@ -151,7 +156,7 @@ class BurstsDataModule(EventDataModule):
 
     def load_split(self, split: str) -> EventStore:
         path = self.path(split)
-        if not path.is_file():
+        if not path.is_file():  # the name holds the settings: the file is this job's data
             self.prepare_data()
         return self.load_cached(
             split, [path], lambda: read_h5(path, self.n_in, self.t_len, self.dt_ms, self.n_classes)

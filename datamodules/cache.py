@@ -12,8 +12,16 @@ Entries are written atomically (``dblock.files.atomic_path``) and carry a checks
 arrays: the meta record, written last, holds the CRC-32 of every array member of the ``.npz``
 (zip) file. ``np.load`` already verifies each member's bytes against the CRC-32 in the zip
 directory as it reads them, so comparing those directory CRCs with the recorded ones costs no
-extra pass over the data, yet an entry whose arrays were replaced (even by a well-formed file
-with the right key) or damaged is rebuilt from the source instead of being used.
+extra pass over the data. What this protects against: corruption and truncation (a damaged
+byte, a cut file, a member or record lost), and arrays replaced without their record. What it
+cannot: the checksums live in the entry they check, so someone who can write the cache can
+also rewrite them; such an entry is only checked as data.
+
+An entry's contents are data, never trusted as more: its own record gives no path and no size
+that is used; ``n_in`` and ``t_len`` come from the run's settings (an entry that disagrees is
+rebuilt), and the arrays are checked for shapes, dtypes and ranges (units < n_in, bins < T,
+offsets that cut the entries in order, labels < n_classes) before use, so a malformed entry is
+rebuilt instead of indexing out of range.
 """
 
 from __future__ import annotations
@@ -67,9 +75,41 @@ def save_store(path: Path, store: EventStore, key: str) -> None:
             np.lib.format.write_array(member, np.array(meta), allow_pickle=False)
 
 
-def load_store(path: Path, key: str) -> EventStore | None:
-    """The store cached at ``path``, or None when it is absent, unreadable, of another key or
-    fails its checksums (the zip's CRC-32 of every member, checked while it is read)."""
+def check_arrays(arrays: dict, n_in: int, t_len: int, n_classes: int | None) -> str | None:
+    """What is wrong with a loaded entry's ``arrays`` for a store of ``n_in`` x ``t_len``
+    (``n_classes`` labels), or None when it is well formed."""
+    units, bins, offsets, labels = (arrays.get(k) for k in ("units", "bins", "offsets", "labels"))
+    if any(a is None or a.dim() != 1 for a in (units, bins, offsets, labels)):
+        return "missing or not 1-d arrays"
+    if any(a.is_floating_point() or a.is_complex() for a in arrays.values() if a is not None):
+        return "non-integer arrays"
+    n, e = labels.shape[0], units.shape[0]
+    if offsets.shape[0] != n + 1 or bins.shape[0] != e:
+        return "array lengths that do not match"
+    if int(offsets[0]) != 0 or int(offsets[-1]) != e or bool((offsets.diff() < 0).any()):
+        return "offsets out of order"
+    for name, arr, high in (("units", units, n_in), ("bins", bins, t_len),
+                            ("labels", labels, n_classes)):
+        if len(arr) and (int(arr.min()) < 0 or (high is not None and int(arr.max()) >= high)):
+            return f"{name} out of range"
+    for name in ("dropped", "raw_counts", "repeats"):
+        a = arrays.get(name)
+        if a is not None and a.shape != ((e,) if name == "repeats" else (n,)):
+            return f"{name} of the wrong length"
+    return None
+
+
+def load_store(
+    path: Path,
+    key: str,
+    n_in: int | None = None,
+    t_len: int | None = None,
+    n_classes: int | None = None,
+) -> EventStore | None:
+    """The store cached at ``path``, or None when it is absent, unreadable, of another key,
+    fails its checksums (the zip's CRC-32 of every member, checked while it is read) or is not a
+    well-formed store of ``n_in`` x ``t_len`` (``n_classes``) (``check_arrays``; a size not
+    given is the entry's own, still range-checked)."""
     if not path.is_file():
         return None
     try:
@@ -86,10 +126,21 @@ def load_store(path: Path, key: str) -> EventStore | None:
                 )
                 return None
             arrays = {k: torch.from_numpy(z[k]) if k in z else None for k in ARRAYS}
+        n_in = meta.get("n_in") if n_in is None else n_in
+        t_len = meta.get("t_len") if t_len is None else t_len
+        if (meta.get("n_in"), meta.get("t_len")) != (n_in, t_len) or not all(
+            isinstance(v, int) and v > 0 for v in (n_in, t_len)
+        ):
+            problem = f"n_in, t_len {meta.get('n_in')}, {meta.get('t_len')} for {n_in}, {t_len}"
+        else:
+            problem = check_arrays(arrays, n_in, t_len, n_classes)
     except Exception as err:  # a truncated, damaged or foreign file: rebuild it
         log.warning("ignoring unreadable cache file %s (%s); rebuilding it", path, err)
         return None
-    return EventStore(n_in=meta["n_in"], t_len=meta["t_len"], **arrays)
+    if problem is not None:
+        log.warning("cache file %s is not a valid store (%s); rebuilding it", path, problem)
+        return None
+    return EventStore(n_in=n_in, t_len=t_len, **arrays)
 
 
 def _mtime(path: Path) -> float:
@@ -117,7 +168,7 @@ def cached_store(
     key = cache_key(file_identity(sources), **params)
     path = Path(cache_dir) / f"{name}-{key}.npz"
     remove_orphans([cache_dir])  # temp files of killed writers
-    store = load_store(path, key)
+    store = load_store(path, key, params.get("n_in"), params.get("t_len"), params.get("n_classes"))
     if store is not None:
         log.debug("%s: read from cache %s", name, path)
         try:

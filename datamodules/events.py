@@ -9,6 +9,7 @@ counts as a coalesced sparse COO tensor without any dense tensor.
 
 from __future__ import annotations
 
+import io
 import logging
 from dataclasses import dataclass, fields
 from functools import cached_property
@@ -30,7 +31,7 @@ from datamodules.checks import (  # noqa: F401  (DataError: re-exported, importe
     path_status,
     time_hint,
 )
-from dblock.files import atomic_path
+from dblock.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -356,12 +357,12 @@ def write_h5(
 ) -> None:
     """Write events in the SHD HDF5 layout: vlen float16 times (s), vlen uint16 units.
 
-    The file appears atomically (``dblock.files.atomic_path``), with ``attrs`` on its root.
+    The file is built in memory and written with plain file IO through ``atomic_path``: it
+    appears whole or not at all, and a full disk is one ``DiskFullError`` (libhdf5 never sees
+    the failed write, which it reports as a close error and can crash on at exit).
     """
-    path = Path(path)
-    # one temp file per process (parallel jobs) beside the target, fsynced, then renamed;
-    # a failure removes it, and a killed writer's is removed at the next start
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    buf = io.BytesIO()
+    with h5py.File(buf, "w") as f:
         spikes = f.create_group("spikes")
         t_ds = spikes.create_dataset("times", (len(times),), dtype=h5py.vlen_dtype(np.float16))
         u_ds = spikes.create_dataset("units", (len(units),), dtype=h5py.vlen_dtype(np.uint16))
@@ -376,3 +377,6 @@ def write_h5(
         spk = speakers if speakers is not None else np.zeros(len(labels), dtype=np.uint16)
         extra.create_dataset("speaker", data=np.asarray(spk, dtype=np.uint16))
         f.attrs.update(attrs or {})
+    # one temp file per process (parallel jobs) beside the target, fsynced, then renamed;
+    # a failure removes it, and a killed writer's is removed at the next start
+    atomic_write(path, lambda out: out.write(buf.getbuffer()))

@@ -8,13 +8,17 @@ Layouts (as ``tonic.datasets`` stores them under ``save_to``)::
 
 Files already in place are used as they are (no archive needed beside them). Missing ones are
 downloaded through tonic's own dataset classes (progress bar from tonic); when that fails, a
-``DataError`` lists every path looked for and how to place the files by hand.
+``DataError`` lists every path looked for and how to place the files by hand. SHD and SSC are
+extracted atomically: tonic works in a staging folder beside the target (an archive already in
+place is linked in, and tonic reuses it once its md5 verifies), then the archive and the file
+are renamed into place, so a kill during the extraction leaves no partial file behind.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +27,8 @@ from tqdm.auto import tqdm
 from datamodules.base import EventDataModule
 from datamodules.checks import DataError, check_events, path_status
 from datamodules.events import EventStore, concat_stores, h5_time_hint, read_h5, store_from_flat
+from dblock.files import fsync_dir, fsync_file, remove_orphans, tmp_path
+from dblock.values import boolean
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +77,7 @@ class TonicDataModule(EventDataModule):
 
     def __init__(self, data_dir: str | Path, *args, download: bool = True, **kwargs) -> None:
         super().__init__(data_dir, *args, **kwargs)
-        self.download = download
+        self.download = boolean("dataset.download", download)
 
     def path(self, split: str) -> Path:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -99,6 +105,10 @@ class TonicDataModule(EventDataModule):
     def tonic_download(self, split: str) -> None:  # pragma: no cover - abstract
         """Instantiate tonic's dataset for ``split``: downloads and extracts when missing."""
         raise NotImplementedError
+
+    def writes_data_dir(self) -> bool:
+        """Only a split that is missing and will be downloaded needs a writable ``data_dir``."""
+        return self.download and not all(self.present(s) for s in self.needed_splits())
 
     def needed_splits(self) -> tuple[str, ...]:
         if "valid" in self.splits and self.val_fraction == 0:
@@ -186,7 +196,35 @@ class SHDDataModule(TonicDataModule):
         return cls.base_url + getattr(cls, f"{split}_zip")
 
     def tonic_download(self, split: str) -> None:
-        self._tonic_class()(save_to=str(self.data_dir), train=split == "train")
+        self.staged(split, lambda save_to: self._tonic_class()(save_to=save_to,
+                                                                 train=split == "train"))
+
+    def staged(self, split: str, run_tonic) -> None:
+        """``run_tonic(save_to)`` in a staging folder beside ``path(split)`` (named as a temp
+        file of this process: a killed run's is removed at the next start), then the archive
+        and the extracted file renamed into place, the file last: it appears whole or not at
+        all. An archive already in ``<data_dir>/<folder>/`` is linked into the stage first, so
+        tonic checks its md5 and reuses it instead of downloading it again."""
+        target = self.path(split)
+        folder = target.parent
+        folder.mkdir(parents=True, exist_ok=True)
+        remove_orphans([folder])
+        stage = tmp_path(target)
+        work = stage / self.folder
+        work.mkdir(parents=True)
+        try:
+            archive = Path(self.archive_url(split).rsplit("/", 1)[-1])
+            if (folder / archive).is_file():
+                os.link(folder / archive, work / archive)
+            run_tonic(str(stage))
+            if (work / archive).is_file():  # downloaded now, or the one linked in
+                os.replace(work / archive, folder / archive)
+            if (work / target.name).is_file():
+                fsync_file(work / target.name)
+                os.replace(work / target.name, target)
+            fsync_dir(folder)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
 
     def read(self, split: str) -> EventStore:
         return read_h5(self.path(split), self.n_in, self.t_len, self.dt_ms, self.n_classes)
@@ -206,7 +244,7 @@ class SSCDataModule(SHDDataModule):
     splits = ("train", "valid", "test")
 
     def tonic_download(self, split: str) -> None:
-        self._tonic_class()(save_to=str(self.data_dir), split=split)
+        self.staged(split, lambda save_to: self._tonic_class()(save_to=save_to, split=split))
 
 
 # --- N-MNIST -------------------------------------------------------------------------------

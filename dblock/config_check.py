@@ -11,6 +11,7 @@ import ast
 import difflib
 import importlib
 import inspect
+import math
 import os
 import textwrap
 from collections.abc import Iterable, Mapping
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from dblock.functional.block import KERNELS
 from dblock.models.classifier import MODELS
+from dblock.values import boolean, is_int, is_number, positive_int
 
 MONITORS = ("train/loss", "train/acc", "val/loss", "val/acc")
 INPUTS = ("auto", "dense", "sparse")  # dataset.input: the batch format (datamodules/base.py)
@@ -58,12 +60,97 @@ def first_line(err: BaseException) -> str:
 
 
 def _int_at_least(name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{name}={value!r} is not allowed: {name} must be an integer >= {low}")
+    positive_int(name, value, low, error=ConfigError)
+
+
+# Every switch: a real boolean or refused (a string such as "maybe" is truthy and would run as
+# true). Values: other spellings a key also takes (trainer.deterministic="warn"). "*": each entry.
+BOOLEANS: dict[str, tuple] = {
+    "recurrent": (),
+    "detach_recurrent": (),
+    "train": (),
+    "verbose": (),
+    "model.recurrent": (),
+    "model.detach_recurrent": (),
+    "dataset.cache": (),
+    "dataset.download": (),
+    "trainer.deterministic": ("warn",),
+    "trainer.enable_model_summary": (),
+    "trainer.use_distributed_sampler": (),
+    "trainer.enable_checkpointing": (),
+    "trainer.enable_progress_bar": (),
+    "trainer.benchmark": (),
+    "trainer.inference_mode": (),
+    "trainer.sync_batchnorm": (),
+    "trainer.barebones": (),
+    "callbacks.*.save_on_train_epoch_end": (),
+    "callbacks.*.auto_insert_metric_name": (),
+    "callbacks.*.enable_version_counter": (),
+    "callbacks.*.save_weights_only": (),
+    "callbacks.*.save_last": ("link",),
+    "callbacks.*.verbose": (),
+    "logger.*.offline": (),
+    "logger.*.log_model": ("all",),
+}
+MAX_SEED = 2**32 - 1  # numpy's and Lightning's seed range
+
+
+def _values(cfg: Mapping, path: str):
+    """(full key, value) of every key matching ``path`` (``*``: each entry) present in ``cfg``."""
+    if not isinstance(cfg, Mapping):
+        return
+    head, _, rest = path.partition(".")
+    keys = [k for k, v in cfg.items() if v is not None] if head == "*" else [head]
+    for key in keys:
+        if key not in cfg:
+            continue
+        if not rest:
+            yield str(key), cfg[key]
+        elif isinstance(cfg[key], Mapping):
+            for sub, value in _values(cfg[key], rest):
+                yield f"{key}.{sub}", value
+
+
+def _check_switches(cfg: Mapping) -> None:
+    for path, extra in BOOLEANS.items():
+        for key, value in _values(cfg, path):
+            if value in extra or value is None and path.startswith("trainer."):
+                continue  # a documented spelling; None: Lightning's own default
+            boolean(key, value, error=ConfigError)
+
+
+def _positive_number(name: str, value) -> None:
+    if not is_number(value) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(
+            f"{name}={value!r} is not allowed: {name} must be a finite number > 0"
+        )
+
+
+def _check_training(cfg: Mapping) -> None:
+    """The seed and the optimiser's settings, before any data is read."""
+    seed = cfg.get("seed")
+    if not is_int(seed) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError(
+            f"seed={seed!r} is not allowed: seed must be an integer >= 0 (at most {MAX_SEED})"
+        )
+    task = cfg.get("task") or {}
+    for key in ("lr", "gamma"):
+        if key in task:
+            _positive_number(f"task.{key}", task[key])
+    milestones = task.get("milestones", [])
+    if not isinstance(milestones, list | tuple) or not all(
+        is_int(m) and m >= 1 for m in milestones
+    ):
+        raise ConfigError(
+            f"task.milestones={milestones!r} is not allowed: task.milestones must be a list of "
+            "epochs >= 1, e.g. task.milestones=[30,60,90]"
+        )
 
 
 def check_config(cfg: Mapping) -> None:
     """Validate the resolved run config ``cfg`` (a plain dict as composed by ``run.py``)."""
+    _check_switches(cfg)
+    _check_training(cfg)
     model = cfg.get("model") or {}
     name = model.get("model")
     if name not in MODELS:
@@ -76,7 +163,7 @@ def check_config(cfg: Mapping) -> None:
     _int_at_least("dataset.t_len", t_len, 1)
     if name == "dblock":
         d = model.get("d")
-        if isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= t_len:
+        if not is_int(d) or not 1 <= d <= t_len:
             raise ConfigError(
                 f"d={d!r} is not allowed: d must be an integer in 1..T, and T={t_len} "
                 f"(dataset.t_len); choose d in 1..{t_len}"
@@ -178,7 +265,7 @@ def check_keys(
     each an object to create (``callbacks``, ``logger``): an entry needs a ``_target_`` (or is
     null, switched off). Raises ``ConfigError`` naming the key.
     """
-    _unknown("", [k for k in cfg if k != "hydra"], set(top))
+    _unknown("", [k for k in cfg if k != "hydra"], set(top), nested=cfg)
     for name, keys in plain.items():
         node = cfg.get(name)
         if isinstance(node, Mapping) and "_target_" not in node:
@@ -214,8 +301,16 @@ def _target_nodes(node: Mapping, path: str = ""):
 
 
 def _unknown(
-    path: str, keys: list, known: set[str], where: str = "", owners: Mapping | None = None
+    path: str,
+    keys: list,
+    known: set[str],
+    where: str = "",
+    owners: Mapping | None = None,
+    nested: Mapping | None = None,
 ) -> None:
+    """Refuse the first of ``keys`` not in ``known``, suggesting the key meant: the group option
+    that has it (``owners``), a key of the config that ends the same (``nested``: ``lr`` ->
+    ``task.lr``), or a close spelling."""
     for key in keys:
         if key in known:
             continue
@@ -224,6 +319,10 @@ def _unknown(
         if owner:
             choices = " and ".join(f"{path}={name}" for name in owner)
             raise ConfigError(f"{full} is not a setting{where}; only {choices} has it")
+        inside = sorted(_ending_in(nested, str(key))) if nested is not None else []
+        if inside:
+            meant = " or ".join(f"`{k}`" for k in inside)
+            raise ConfigError(f"{full} is not a setting{where}; did you mean {meant}?")
         close = difflib.get_close_matches(str(key), sorted(known - INSTANTIATE_KEYS), n=1)
         hint = (
             f"did you mean `{f'{path}.{close[0]}' if path else close[0]}`?"
@@ -232,6 +331,16 @@ def _unknown(
             + ", ".join(sorted(k for k in known if not k.startswith("_")))
         )
         raise ConfigError(f"{full} is not a setting{where}; {hint}")
+
+
+def _ending_in(cfg: Mapping, name: str, path: str = ""):
+    """The full keys below the top level of ``cfg`` whose last part is ``name`` (not hydra's)."""
+    for key, value in cfg.items():
+        full = f"{path}.{key}" if path else str(key)
+        if path and key == name:
+            yield full
+        if isinstance(value, Mapping) and full != "hydra" and full != name:
+            yield from _ending_in(value, name, full)
 
 
 def accepted_keywords(target: str) -> set[str] | None:

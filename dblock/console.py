@@ -24,12 +24,29 @@ log = logging.getLogger("dblock.progress")
 file_log = logging.getLogger("dblock.logfile")
 
 
+_job_label: list[str] = [""]  # set per job by run.py when jobs run in parallel
+
+
+def set_job_label(label: str) -> None:
+    """Prefix every console line of this job with ``[label]`` (empty: no prefix): parallel jobs
+    of a sweep (joblib, ...) share one terminal, and their lines interleave."""
+    _job_label[0] = label
+
+
+def job_prefix() -> str:
+    """``[label] `` of this job, or empty when it runs alone."""
+    return f"[{_job_label[0]}] " if _job_label[0] else ""
+
+
 class ConsoleFormatter(logging.Formatter):
-    """INFO and below as the bare message; warnings and errors as ``<level>: message``."""
+    """INFO and below as the bare message; warnings and errors as ``<level>: message``; lines
+    of parallel jobs prefixed with their job's label (``set_job_label``)."""
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
-        return f"{record.levelname.lower()}: {text}" if record.levelno >= logging.WARNING else text
+        if record.levelno >= logging.WARNING:
+            text = f"{record.levelname.lower()}: {text}"
+        return job_prefix() + text
 
 
 def silence_library_noise() -> None:

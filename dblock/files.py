@@ -1,9 +1,14 @@
 """Files that survive kills, full disks and shared folders: atomic writes, leftovers, the lock.
 
-- Files appear whole or not at all: ``atomic_path`` writes ``<name>.<pid>@<host>.tmp`` in the
-  target's own directory (a rename never crosses filesystems), fsyncs it, ``os.replace``s it over
-  the target and fsyncs the directory. A failed write removes its temp file; a kill leaves it
-  behind, and ``remove_orphans`` deletes it at the next start once its process is gone.
+- Files appear whole or not at all: ``atomic_path`` writes ``<name>.<pid>@<host>.<ns>-<start>.tmp``
+  in the target's own directory (a rename never crosses filesystems), fsyncs it,
+  ``os.replace``s it over the target and fsyncs the directory. A failed write removes its temp
+  file; a kill leaves it behind, and ``remove_orphans`` deletes it at the next start once its
+  process is gone.
+- A process is known by more than its pid: containers (PID namespaces) give every job pid 1 or 2,
+  and pids are reused. Its identity is the host, the boot (``boot_id``), the PID namespace
+  (inode of ``/proc/self/ns/pid``; ``<ns>`` in a temp file's name hashes boot and namespace) and
+  its start time (``/proc/<pid>/stat``); a pid seen from another namespace says nothing here.
 - A full disk is a ``DiskFullError`` naming the file and the free space left.
 - ``RunLock`` keeps a second run out of a run directory that is in use.
 
@@ -13,6 +18,8 @@ Plain Python (no torch, hydra, omegaconf or lightning).
 from __future__ import annotations
 
 import errno
+import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -29,7 +36,10 @@ from dblock.config_check import ConfigError
 log = logging.getLogger(__name__)
 
 HOST = socket.gethostname().replace("/", "_")
-TMP_RE = re.compile(r"^(?P<target>.+)\.(?P<pid>\d+)(?:@(?P<host>[^/]*))?\.tmp$")
+TMP_RE = re.compile(
+    r"^(?P<target>.+)\.(?P<pid>\d+)"
+    r"(?:@(?P<host>[^/]*?)(?:\.(?P<ns>[0-9a-f]{8})-(?P<start>\d+))?)?\.tmp$"
+)
 FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -76,8 +86,10 @@ def is_disk_full(err: BaseException) -> bool:
 
 
 def tmp_path(path: Path) -> Path:
-    """The temp file of ``path``: same directory, named by this process and host."""
-    return path.with_name(f"{path.name}.{os.getpid()}@{HOST}.tmp")
+    """The temp file of ``path``: same directory, named by this process's identity (pid, host,
+    boot and PID namespace, start time)."""
+    me = identity()
+    return path.with_name(f"{path.name}.{me['pid']}@{HOST}.{ns_tag()}-{me['start'] or 0}.tmp")
 
 
 def fsync_dir(directory: Path) -> None:
@@ -136,6 +148,71 @@ def write_json(path: str | Path, obj) -> None:
     atomic_write(path, lambda f: f.write(data))
 
 
+# --- who wrote a file: process identity -----------------------------------------------------
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def boot_id() -> str:
+    """This boot of this machine (Linux; empty elsewhere)."""
+    return _read("/proc/sys/kernel/random/boot_id")
+
+
+def pid_namespace() -> int:
+    """The inode of this process's PID namespace (0 where there is no ``/proc``)."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+def start_time(pid: int) -> int | None:
+    """When process ``pid`` (of this PID namespace) started, in clock ticks since boot; None
+    when it does not exist or cannot be read."""
+    stat = _read(f"/proc/{pid}/stat")
+    try:  # field 22; the command name (field 2, in parentheses) may hold spaces
+        return int(stat[stat.rindex(")") + 2 :].split()[19])
+    except (ValueError, IndexError):
+        return None
+
+
+def identity() -> dict:
+    """This process as a lock file records it."""
+    pid = os.getpid()
+    return {"pid": pid, "host": HOST, "boot": boot_id(), "pidns": pid_namespace(),
+            "start": start_time(pid)}
+
+
+def ns_tag(boot: str | None = None, pidns: int | None = None) -> str:
+    """8 hex digits naming a boot and a PID namespace (this process's by default)."""
+    key = f"{boot_id() if boot is None else boot}:{pid_namespace() if pidns is None else pidns}"
+    return hashlib.sha1(key.encode()).hexdigest()[:8]
+
+
+def owner_alive(owner: dict) -> bool | None:
+    """Whether the process ``owner`` (an ``identity()``) still runs: None when that cannot be
+    told from here (another host, or another PID namespace of this boot). Records of older
+    versions hold only pid and host."""
+    pid = owner.get("pid")
+    if owner.get("host") != HOST:
+        return None
+    if owner.get("boot") and boot_id() and owner["boot"] != boot_id():
+        return False  # the machine has restarted since
+    if owner.get("pidns") and pid_namespace() and owner["pidns"] != pid_namespace():
+        return None  # its pid means another process here
+    if pid == os.getpid() or not pid_alive(pid):
+        return False  # never this process: it has not taken the file yet
+    if owner.get("start") is not None and start_time(pid) not in (None, owner["start"]):
+        return False  # the pid was reused
+    return True
+
+
 # --- leftovers and the run-dir lock ---------------------------------------------------------
 
 
@@ -153,11 +230,13 @@ def pid_alive(pid: int) -> bool:
 
 
 def remove_orphans(directories: Iterable[str | Path]) -> list[Path]:
-    """Delete temp files (``<name>.<pid>[@<host>].tmp``) whose writer is gone.
+    """Delete temp files and staging folders (``<name>.<pid>[@<host>[.<ns>-<start>]].tmp``)
+    whose writer is gone.
 
-    Only files written on this host by a process that no longer exists are removed: parallel
-    jobs share data directories, and a live writer's temp file is left alone. Returns the paths
-    removed.
+    Only files written on this host, in this PID namespace and boot, by a process that no longer
+    exists (or whose pid now names a process started at another time) are removed: parallel
+    jobs and containers share data directories, and a live writer's temp file is left alone.
+    Returns the paths removed.
     """
     removed = []
     for directory in directories:
@@ -169,11 +248,16 @@ def remove_orphans(directories: Iterable[str | Path]) -> list[Path]:
             m = TMP_RE.match(p.name)
             if m is None or m["host"] not in (None, HOST):
                 continue
+            if m["ns"] is not None and m["ns"] != ns_tag():
+                continue  # another container or boot: its pid says nothing here
             pid = int(m["pid"])
-            if pid == os.getpid() or pid_alive(pid):
+            start = None if m["start"] in (None, "0") else int(m["start"])
+            if pid == os.getpid() and start in (None, start_time(pid)):
+                continue
+            if pid_alive(pid) and (start is None or start_time(pid) in (None, start)):
                 continue
             try:
-                p.unlink()
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
             except OSError:
                 continue
             removed.append(p)
@@ -184,8 +268,11 @@ def remove_orphans(directories: Iterable[str | Path]) -> list[Path]:
 class RunLock:
     """``<run dir>/.lock`` held for a whole run: a second run into the same directory stops.
 
-    A lock left by a process that died (kill -9, node crash on the same host) is taken over with
-    a warning. A lock written on another host cannot be checked from here and counts as held.
+    The run holds an exclusive ``flock`` on the file, which the kernel drops when the process
+    dies however it dies, and writes its identity (``identity()``) into it for messages. A lock
+    whose owner is gone (its flock is free and its record names no running process of this
+    host: a kill -9, a container restarted with the same pid, a reboot) is taken over with a
+    warning. A lock written on another host cannot be checked from here and counts as held.
     """
 
     NAME = ".lock"
@@ -193,45 +280,70 @@ class RunLock:
     def __init__(self, run_dir: str | Path) -> None:
         self.path = Path(run_dir) / self.NAME
         self.held = False
+        self.fd: int | None = None
         self.mtime = 0.0  # when it was taken, by the run dir's filesystem clock
 
     def _owner(self) -> dict:
         try:
-            return json.loads(self.path.read_text())
+            owner = json.loads(self.path.read_text())
         except (OSError, ValueError):
             return {}
+        return owner if isinstance(owner, dict) else {}
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = json.dumps({"pid": os.getpid(), "host": HOST})
         for _ in range(3):
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                owner = self._owner()
-                pid, host = owner.get("pid"), owner.get("host")
-                if not isinstance(pid, int):  # being written right now, or unreadable
-                    raise ConfigError(self._in_use("another process")) from None
-                if host != HOST or pid_alive(pid):
-                    where = f"pid {pid}" + (f" on host {host}" if host != HOST else "")
-                    raise ConfigError(self._in_use(where)) from None
-                # stale: rename it away first, so only one of several starters takes it over
-                try:
-                    os.replace(self.path, self.path.with_name(f"{self.NAME}.stale.{os.getpid()}"))
-                except FileNotFoundError:
-                    continue
-                self.path.with_name(f"{self.NAME}.stale.{os.getpid()}").unlink(missing_ok=True)
-                log.warning(
-                    "run dir %s was locked by pid %d, which is gone; taking it over",
-                    self.path.parent,
-                    pid,
-                )
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(me)
-            self.held, self.mtime = True, self.path.stat().st_mtime
-            return
+                taken = self._take(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            if taken:
+                self.fd, self.held = fd, True
+                self.mtime = os.fstat(fd).st_mtime
+                return
+            os.close(fd)  # the file was replaced meanwhile: try the new one
         raise ConfigError(self._in_use("another process"))
+
+    def _take(self, fd: int) -> bool:
+        """Lock ``fd`` (the lock file, opened) and write this process into it; False when the
+        path no longer names that file. Raises ``ConfigError`` when the lock is held."""
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            flocked = True
+        except BlockingIOError:  # a live process holds it
+            raise ConfigError(self._in_use(self._who(self._owner()))) from None
+        except OSError:  # no flock on this filesystem: the record alone decides
+            flocked = False
+        try:
+            if os.stat(self.path).st_ino != os.fstat(fd).st_ino:
+                return False
+        except FileNotFoundError:
+            return False
+        owner = self._owner()
+        pid = owner.get("pid")
+        if pid is not None or os.fstat(fd).st_size:
+            alive = owner_alive(owner) if isinstance(pid, int) else None
+            # the record cannot tell (another PID namespace of this host): the free flock can
+            gone = alive is False or (alive is None and flocked and owner.get("host") == HOST)
+            if not gone:
+                raise ConfigError(self._in_use(self._who(owner)))
+            log.warning(
+                "run dir %s was locked by pid %s, which is gone; taking it over",
+                self.path.parent,
+                pid,
+            )
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(identity()).encode(), 0)
+        os.fsync(fd)
+        return True
+
+    def _who(self, owner: dict) -> str:
+        pid, host = owner.get("pid"), owner.get("host")
+        if not isinstance(pid, int):
+            return "another process"
+        return f"pid {pid}" + (f" on host {host}" if host != HOST else "")
 
     def _in_use(self, who: str) -> str:
         return (
@@ -241,9 +353,14 @@ class RunLock:
         )
 
     def release(self) -> None:
-        if self.held and self._owner().get("pid") == os.getpid():
-            self.path.unlink(missing_ok=True)
-        self.held = False
+        if self.held and self.fd is not None:
+            try:
+                if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
+                    self.path.unlink()  # while still locked: no one takes a file being removed
+            except FileNotFoundError:
+                pass
+            os.close(self.fd)
+        self.held, self.fd = False, None
 
     def __enter__(self) -> RunLock:
         self.acquire()

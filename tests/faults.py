@@ -383,3 +383,28 @@ class FailingWrite(pl.Callback):
             return real_replace(src, dst, *args, **kwargs)
 
         builtins.open, os.replace = open_, replace
+
+
+def in_mounts(args: list[str], mounts: str, mount_args: list, cwd, env: dict, timeout=600):
+    """Run ``args`` after the shell commands ``mounts`` (positional arguments ``mount_args``) in
+    a private mount namespace of the command (``unshare -Urm``: no root needed where user
+    namespaces are allowed; the mounts are gone when it ends)."""
+    script = f'{mounts} && shift {len(mount_args)} && exec "$@"'
+    cmd = ["unshare", "-Urm", "sh", "-c", script, "sh", *map(str, mount_args), *map(str, args)]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def on_small_disk(args: list[str], mount: Path, size: str, cwd, env: dict, timeout: int = 600):
+    """Run ``args`` with a real ``size`` tmpfs mounted at ``mount`` (created if missing): a disk
+    that really fills up, for code that writes through C libraries (libhdf5) which patching
+    Python's ``open`` cannot reach."""
+    Path(mount).mkdir(parents=True, exist_ok=True)
+    mounts = 'mount -t tmpfs -o size="$1" tmpfs "$2"'
+    return in_mounts(args, mounts, [size, mount], cwd, env, timeout)
+
+
+def on_read_only(args: list[str], folder: Path, cwd, env: dict, timeout: int = 600):
+    """Run ``args`` with ``folder`` mounted read-only (a read-only bind mount: writes fail with
+    EROFS, for root too, which file modes would not stop)."""
+    mounts = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1"'
+    return in_mounts(args, mounts, [folder], cwd, env, timeout)

@@ -58,8 +58,8 @@ def test_pick_kernel_per_device():
     "kw, message",
     [
         (dict(kernel="gpu"), "unknown d-block kernel 'gpu'; valid: auto, loop, chunked"),
-        (dict(kernel="chunked", chunk=0), "chunk must be a positive integer"),
-        (dict(kernel="chunked", chunk=2.5), "chunk must be a positive integer"),
+        (dict(kernel="chunked", chunk=0), "chunk=0 is not allowed: chunk must be an integer >= 1"),
+        (dict(kernel="chunked", chunk=2.5), "chunk=2.5 is not allowed: chunk must be an integer"),
     ],
 )
 def test_bad_kernel_settings_are_clear_errors(kw, message):

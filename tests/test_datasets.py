@@ -513,11 +513,12 @@ def test_file_where_nmnist_folder_should_be(nmnist_dir, monkeypatch):
 def test_bursts_refuses_a_directory_where_its_file_goes(tmp_path):
     from datamodules.bursts import BurstsDataModule
 
-    (tmp_path / "BURSTS" / "bursts_test.h5").mkdir(parents=True)
     dm = BurstsDataModule(tmp_path, n_train=16, n_test=8)
-    with pytest.raises(DataError, match="bursts_test.h5 is a directory, not a file"):
+    dm.path("test").mkdir(parents=True)
+    with pytest.raises(DataError, match=f"{dm.path('test').name} is a directory, not a file"):
         dm.prepare_data()
-    with pytest.raises(ValueError, match="dataset.n_train must be an integer >= 1, got 0"):
+    message = "dataset.n_train=0 is not allowed: dataset.n_train must be an integer >= 1"
+    with pytest.raises(ValueError, match=message):
         BurstsDataModule(tmp_path, n_train=0)
 
 

@@ -76,6 +76,7 @@ def test_full_disk_is_one_message_naming_the_path_and_free_space(tmp_path):
 
 def test_write_h5_failure_leaves_no_temp_file(tmp_path):
     path = tmp_path / "BURSTS" / "bursts_train.h5"
+    path.parent.mkdir()
     times = [np.array([0.1, 0.2]), np.array([0.3])]
     with pytest.raises(ValueError):  # 3 unit lists for 2 time lists: fails mid-write
         write_h5(path, times, [np.array([1, 2]), np.array([3]), np.array([4])], np.array([0, 1]))
@@ -99,7 +100,8 @@ def test_orphan_temp_files_of_dead_writers_are_removed(tmp_path):
 def test_run_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path, caplog):
     lock = tmp_path / ".lock"
     with files.RunLock(tmp_path):
-        assert json.loads(lock.read_text()) == {"pid": os.getpid(), "host": files.HOST}
+        assert json.loads(lock.read_text()) == files.identity()
+        assert files.identity()["pid"] == os.getpid() and files.identity()["host"] == files.HOST
         with pytest.raises(ConfigError, match=f"in use by pid {os.getpid()}"):
             files.RunLock(tmp_path).acquire()
     assert not lock.exists()

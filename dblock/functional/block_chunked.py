@@ -57,6 +57,7 @@ from torch import Tensor
 
 from dblock.functional.block_kernel import block_groups, decay_powers
 from dblock.functional.precision import ieee_matmuls
+from dblock.values import positive_int
 
 _INDEX: dict[tuple, Tensor] = {}
 SINGLE = 64  # blocks up to this long use one (L, L) Toeplitz (M = 1): no carry, no padding
@@ -72,10 +73,8 @@ def chunk_plan(lengths: list[int], chunk: int | None = None) -> tuple[int, int]:
     longest = max(lengths)
     if chunk is None:
         c = longest if longest <= SINGLE else math.isqrt(longest - 1) + 1
-    elif isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"chunk must be a positive integer number of steps or None, got {chunk!r}")
     else:
-        c = min(chunk, longest)
+        c = min(positive_int("chunk", chunk), longest)
     return c, -(-longest // c)
 
 

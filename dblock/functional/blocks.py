@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dblock.values import is_int
+
 
 def check_d(d: int, t_len: int) -> None:
     """Raise ``ValueError`` naming d and T unless ``1 <= d <= T``.
@@ -10,7 +12,7 @@ def check_d(d: int, t_len: int) -> None:
         d: the number of blocks (an int; a bool is refused).
         t_len: T, the number of time steps.
     """
-    if isinstance(d, bool) or not isinstance(d, int):
+    if not is_int(d):
         raise ValueError(f"d must be an integer number of blocks, got d={d!r} (T={t_len})")
     if not 1 <= d <= t_len:
         raise ValueError(

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from dblock.nn import DBlockLayer, LeakyReadout, LIFLayer
 from dblock.nn.layers import check_input
+from dblock.values import boolean, positive_int
 
 MODELS: dict[str, type[nn.Module]] = {"dblock": DBlockLayer, "standard": LIFLayer}
 
@@ -80,8 +81,9 @@ class SNNClassifier(nn.Module):
     ) -> None:
         super().__init__()
         layer = get_layer(model)
-        if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
-            raise ValueError(f"n_layers must be an integer >= 1, got n_layers={n_layers!r}")
+        positive_int("n_layers", n_layers)
+        boolean("recurrent", recurrent)
+        boolean("detach_recurrent", detach_recurrent)
         self.model = model
         self.config = {
             "n_in": n_in, "n_hidden": n_hidden, "n_layers": n_layers, "n_classes": n_classes,

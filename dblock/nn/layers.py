@@ -9,14 +9,14 @@ from torch import Tensor, nn
 
 from dblock import functional as F
 from dblock.functional.readout import check_reduce, projected_readout
+from dblock.values import positive_int
 
 HIDDEN_BETA = math.exp(-1 / 10)
 READOUT_BETA = math.exp(-1 / 20)
 
 
 def _check_size(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {name}={value!r}")
+    positive_int(name, value)
 
 
 def check_input(x: Tensor, n_in: int, name: str, t_len: int | None = None) -> None:
@@ -54,8 +54,8 @@ def check_input(x: Tensor, n_in: int, name: str, t_len: int | None = None) -> No
 def _check_d(d: int, t_len: int | None) -> None:
     if t_len is not None:
         F.check_d(d, t_len)
-    elif isinstance(d, bool) or not isinstance(d, int) or d < 1:
-        raise ValueError(f"d must be an integer >= 1, got d={d!r}")
+    else:
+        positive_int("d", d)
 
 
 class Decay(nn.Module):
