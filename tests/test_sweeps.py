@@ -94,9 +94,13 @@ def test_two_job_sweep_writes_prints_and_plots_its_summary_and_a_rerun_redoes_no
         for j in ("d=1", "d=5")
     ]
     assert "epoch 1/2" not in proc.stdout + proc.stderr and table in proc.stdout
-    # other settings (a search's next trial, another lr) are not the job that is done
-    proc = run_cli([*args, "task.lr=0.002"], tmp_path)
-    assert "skipped" not in proc.stdout
+    # other settings (a search's next trial, another lr) are not the job that is done, and its
+    # checkpoint is not theirs to resume: refused with one line, nothing overwritten
+    proc = run_cli([*args, "task.lr=0.002"], tmp_path, check=False)
+    assert proc.returncode == 2 and "skipped" not in proc.stdout
+    refusal = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert refusal and "task.lr=0.001" in refusal[0] and "rerun=true" in refusal[0], proc.stderr
+    assert snapshot(sweep) == before
     # rerun=true runs every job again
     proc = run_cli([*args, "rerun=true"], tmp_path)
     assert "skipped" not in proc.stdout and proc.stdout.count("epoch 1/2") == 2
