@@ -25,8 +25,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from datamodules.batches import BatchBuffers
 from datamodules.cache import cached_store
 from datamodules.checks import DataError, check_dropped
-from datamodules.events import EventStore
-from dblock.config_check import INPUTS
+from datamodules.inputs import INPUTS
+from datamodules.store import EventStore
 from dblock.values import boolean, is_number, positive_int
 
 log = logging.getLogger(__name__)

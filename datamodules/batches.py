@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from datamodules.events import EventStore
+    from datamodules.store import EventStore
 
 
 def single_threaded(build):

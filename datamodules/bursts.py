@@ -24,7 +24,8 @@ import numpy as np
 
 from datamodules.base import EventDataModule
 from datamodules.checks import DataError, path_status
-from datamodules.events import EventStore, h5_time_hint, read_h5, write_h5
+from datamodules.hdf5 import h5_time_hint, read_h5, write_h5
+from datamodules.store import EventStore
 from dblock.values import positive_int
 
 log = logging.getLogger(__name__)

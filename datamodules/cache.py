@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from datamodules.events import EventStore
+from datamodules.store import EventStore
 from dblock.files import atomic_path, remove_orphans
 
 log = logging.getLogger(__name__)

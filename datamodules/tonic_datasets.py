@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from datamodules.base import EventDataModule
 from datamodules.checks import DataError, check_events, path_status
-from datamodules.events import EventStore, concat_stores, h5_time_hint, read_h5, store_from_flat
+from datamodules.hdf5 import h5_time_hint, read_h5
+from datamodules.store import EventStore, concat_stores, store_from_flat
 from dblock.files import fsync_dir, fsync_file, remove_orphans, tmp_path
 from dblock.values import boolean
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from dblock.config_check import ConfigError
+from dblock.errors import ConfigError
 from dblock.models import SNNClassifier
-from dblock.runner import load_checkpoint
+from dblock.training.checkpoints import load_checkpoint
 
 # the model targets a checkpoint may name: the classifier is rebuilt from this list, never from
 # the string in the file (a checkpoint is data, not code to import)

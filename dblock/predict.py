@@ -36,10 +36,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dblock.config_check import ConfigError
+from dblock.errors import ConfigError
 from dblock.files import atomic_write
 from dblock.load import load_model
-from dblock.runner import EVAL_FREE_KEYS, LOCATION_KEYS, fmt
+from dblock.training.checkpoints import EVAL_FREE_KEYS, LOCATION_KEYS, fmt
 
 log = logging.getLogger("dblock")
 
@@ -113,7 +113,8 @@ def datamodule(dataset_config: dict, overrides: dict | None = None, split: str =
 def file_store(dm, name: str, path: Path):
     """(store, labels known) of the data file ``path``, read and binned with ``dm``'s settings."""
     from datamodules.checks import DataError, check_dropped
-    from datamodules.events import build_store, read_h5, store_from_flat
+    from datamodules.hdf5 import read_h5
+    from datamodules.store import build_store, store_from_flat
     from datamodules.tonic_datasets import NMNIST_SIZE, decode_nmnist, read_nmnist
 
     if not path.exists():

@@ -157,7 +157,8 @@ def job_status(job: Path, results: dict | None) -> str:
     error, written after any results.json: e.g. the folder held another run's checkpoint);
     ``running`` (its lock is held); ``killed`` (a lock left by a dead process); ``incomplete``
     (none of these: e.g. stopped before it wrote anything)."""
-    from dblock.files import HOST, RunLock, pid_alive
+    from dblock.files import HOST, pid_alive
+    from dblock.launch.lock import RunLock
 
     log_file = job / "run.log"
     try:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from datamodules.cache import ARRAYS, load_store, save_store
-from datamodules.events import EventStore
+from datamodules.store import EventStore
 
 
 def shd_sized(n: int, events: int, seed: int = 0) -> EventStore:

@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from datamodules.events import write_h5  # noqa: E402
+from datamodules.hdf5 import write_h5  # noqa: E402
 from datamodules.tonic_datasets import SHDDataModule  # noqa: E402
 from experiments.bench_impls import endless, parse_with_malloc, train_step  # noqa: E402
 

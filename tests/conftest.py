@@ -36,7 +36,7 @@ def reference(tmp_path_factory):
 
 import numpy as np  # noqa: E402
 
-from datamodules.events import write_h5  # noqa: E402
+from datamodules.hdf5 import write_h5  # noqa: E402
 
 
 def random_events(n: int, n_in: int, n_classes: int, seed: int, t_max: float = 1.2):

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from datamodules.batches import BatchBuffers
-from datamodules.events import read_h5, write_h5
+from datamodules.hdf5 import read_h5, write_h5
 
 
 def _store(tmp_path, n=12, n_in=9, t_len=30):

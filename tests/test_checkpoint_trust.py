@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dblock import runner
-from dblock.config_check import ConfigError
+from dblock.errors import ConfigError
+from dblock.training.checkpoints import check_checkpoint, load_checkpoint
 from tests.faults import RESUMABLE, TINY, fault, run_cli
 from tests.test_reliability import load, same
 from tests.test_run import results, run
@@ -149,7 +149,7 @@ def test_a_path_stored_in_a_checkpoint_is_never_fetched_or_used(recipe_reference
 def test_lightning_never_loads_a_url_or_unsafely(tmp_path):
     """The trainer plugin every load of Lightning's goes through (resume, test, callbacks):
     a URL is refused without a request, a pickle is refused without running it."""
-    from dblock.task import AtomicCheckpointIO
+    from dblock.training.checkpoint_io import AtomicCheckpointIO
 
     marker = tmp_path / "pwned"
 
@@ -278,14 +278,14 @@ def test_bad_checkpoint_paths_are_named_for_what_they_are(tmp_path):
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(bytes(rng.randrange(256) for _ in range(5000)))
     with pytest.raises(ConfigError) as info:
-        runner.load_checkpoint(garbage)
+        load_checkpoint(garbage)
     assert "it is not a checkpoint" in str(info.value)
     assert "tampered" not in str(info.value) and "operand" not in str(info.value)
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
     (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"")
     with pytest.raises(ConfigError) as info:
-        runner.load_checkpoint(run_dir)
+        load_checkpoint(run_dir)
     assert str(info.value) == (
         f"ckpt_path={run_dir} is a directory; give the checkpoint file in it "
         f"(ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'})"
@@ -300,7 +300,7 @@ def test_a_dataset_mismatch_suggests_the_dataset_choice():
     current = {"dataset": {"name": "shd", "_target_": "datamodules.tonic_datasets.SHD"}}
     ckpt = {"state_dict": {}, "dblock_config": {**stored, "model": {}}}
     with pytest.raises(ConfigError) as info:
-        runner.check_checkpoint(ckpt, "x.ckpt", {}, {**current, "model": {}}, evaluate=True)
+        check_checkpoint(ckpt, "x.ckpt", {}, {**current, "model": {}}, evaluate=True)
     assert "evaluate it with dataset=bursts" in str(info.value)
     assert "_target_" not in str(info.value)
 

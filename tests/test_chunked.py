@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from dblock import functional as F
-from dblock.config_check import ConfigError, check_config
+from dblock.errors import ConfigError
 from dblock.functional import reference as R
-from dblock.functional.block_chunked import SINGLE, chunk_plan
+from dblock.functional.blocks.chunked import SINGLE, chunk_plan
+from dblock.launch.config import check_config
 from dblock.nn import DBlockLayer
 from experiments.bench_impls import build
 from experiments.bench_speed import count_launching_ops, poisson_input, run_once

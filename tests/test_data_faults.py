@@ -138,7 +138,7 @@ def test_kill_during_extraction_leaves_no_partial_file_and_the_archive_is_reused
     import hashlib
     import zipfile
 
-    from datamodules.events import write_h5
+    from datamodules.hdf5 import write_h5
     from tests.conftest import random_events
 
     src = tmp_path / "src" / "shd_train.h5"

@@ -14,7 +14,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from datamodules.events import DataError, write_h5
+from datamodules.checks import DataError
+from datamodules.hdf5 import write_h5
 from datamodules.tonic_datasets import NMNISTDataModule, SHDDataModule, SSCDataModule
 from tests.conftest import encode_nmnist, random_events
 from tests.faults import run_cli

@@ -8,7 +8,7 @@ import torch
 
 from datamodules.base import stratified_split
 from datamodules.bursts import BurstsDataModule, generate
-from datamodules.events import read_h5, write_h5
+from datamodules.hdf5 import read_h5, write_h5
 
 
 def test_dense_matches_hand_binning(tmp_path):

@@ -19,10 +19,16 @@ import torch
 
 from datamodules import cache
 from datamodules.cache import cached_store
-from datamodules.events import DataError, EventStore, write_h5
-from dblock import files, runner
-from dblock.config_check import ConfigError
-from dblock.task import AtomicCheckpointIO, order_checkpoints
+from datamodules.checks import DataError
+from datamodules.hdf5 import write_h5
+from datamodules.store import EventStore
+from dblock.errors import ConfigError
+from dblock.files import HOST, DiskFullError, atomic_write, identity, remove_orphans
+from dblock.launch.lock import RunLock
+from dblock.training.checkpoint_io import AtomicCheckpointIO, order_checkpoints
+from dblock.training.checkpoints import check_checkpoint, first_mismatch, load_checkpoint
+from dblock.training.results import resume_command, summary
+from dblock.training.signals import Interrupted, SignalStop
 from tests.faults import dead_pid
 
 
@@ -41,7 +47,7 @@ def test_atomic_write_stages_beside_the_target_not_in_tmpdir(tmp_path, monkeypat
         seen.append(Path(f.name))
         f.write(b"new")
 
-    files.atomic_write(target, write)
+    atomic_write(target, write)
     assert target.read_bytes() == b"new" and not list(staging.iterdir())
     assert seen[0].parent == target.parent and seen[0].name.endswith(".tmp")
     assert not seen[0].exists()
@@ -66,8 +72,8 @@ def test_full_disk_is_one_message_naming_the_path_and_free_space(tmp_path):
         f.write(b"partial")
         no_space()
 
-    with pytest.raises(files.DiskFullError) as info:
-        files.atomic_write(target, write)
+    with pytest.raises(DiskFullError) as info:
+        atomic_write(target, write)
     message = str(info.value)
     assert message.startswith(f"no space left on the device writing {target} (")
     assert " free there)" in message and "\n" not in message
@@ -86,31 +92,31 @@ def test_write_h5_failure_leaves_no_temp_file(tmp_path):
 def test_orphan_temp_files_of_dead_writers_are_removed(tmp_path):
     dead, alive = dead_pid(), os.getppid()
     keep = [
-        tmp_path / f"a.h5.{alive}@{files.HOST}.tmp",  # a live writer on this host
+        tmp_path / f"a.h5.{alive}@{HOST}.tmp",  # a live writer on this host
         tmp_path / f"b.npz.{dead}@another-node.tmp",  # a writer on another host: unknowable
         tmp_path / "notes.tmp",  # not a writer's temp file
     ]
-    gone = [tmp_path / f"c.ckpt.{dead}@{files.HOST}.tmp", tmp_path / f"d.h5.{dead}.tmp"]
+    gone = [tmp_path / f"c.ckpt.{dead}@{HOST}.tmp", tmp_path / f"d.h5.{dead}.tmp"]
     for p in keep + gone:
         p.write_text("x")
-    assert sorted(files.remove_orphans([tmp_path, tmp_path / "missing"])) == sorted(gone)
+    assert sorted(remove_orphans([tmp_path, tmp_path / "missing"])) == sorted(gone)
     assert all(p.exists() for p in keep) and not any(p.exists() for p in gone)
 
 
 def test_run_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path, caplog):
     lock = tmp_path / ".lock"
-    with files.RunLock(tmp_path):
-        assert json.loads(lock.read_text()) == files.identity()
-        assert files.identity()["pid"] == os.getpid() and files.identity()["host"] == files.HOST
+    with RunLock(tmp_path):
+        assert json.loads(lock.read_text()) == identity()
+        assert identity()["pid"] == os.getpid() and identity()["host"] == HOST
         with pytest.raises(ConfigError, match=f"in use by pid {os.getpid()}"):
-            files.RunLock(tmp_path).acquire()
+            RunLock(tmp_path).acquire()
     assert not lock.exists()
     lock.write_text(json.dumps({"pid": 12, "host": "another-node"}))
     with pytest.raises(ConfigError, match="in use by pid 12 on host another-node"):
-        files.RunLock(tmp_path).acquire()
+        RunLock(tmp_path).acquire()
     dead = dead_pid()
-    lock.write_text(json.dumps({"pid": dead, "host": files.HOST}))
-    with caplog.at_level(logging.WARNING), files.RunLock(tmp_path):
+    lock.write_text(json.dumps({"pid": dead, "host": HOST}))
+    with caplog.at_level(logging.WARNING), RunLock(tmp_path):
         assert json.loads(lock.read_text())["pid"] == os.getpid()
     assert f"locked by pid {dead}, which is gone; taking it over" in caplog.text
     assert not lock.exists() and not list(tmp_path.iterdir())
@@ -118,17 +124,17 @@ def test_run_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path, caplo
 
 def test_signal_outside_lightning_stops_at_once_with_its_exit_code():
     before = signal.getsignal(signal.SIGTERM)
-    with runner.SignalStop() as stop, pytest.raises(runner.Interrupted):
+    with SignalStop() as stop, pytest.raises(Interrupted):
         os.kill(os.getpid(), signal.SIGTERM)
     assert stop.name == "SIGTERM" and stop.exit_code == 143 and not stop.requeue
     assert signal.getsignal(signal.SIGTERM) == before
-    with runner.SignalStop() as stop:
+    with SignalStop() as stop:
         stop.watch_requeue(signal.SIGUSR1)
-        with pytest.raises(runner.Interrupted):
+        with pytest.raises(Interrupted):
             os.kill(os.getpid(), signal.SIGUSR1)
     assert stop.requeue and stop.exit_code == 128 + signal.SIGUSR1
-    with runner.SignalStop() as stop:
-        with pytest.raises(runner.Interrupted):
+    with SignalStop() as stop:
+        with pytest.raises(Interrupted):
             os.kill(os.getpid(), signal.SIGINT)
         with pytest.raises(KeyboardInterrupt):  # a second Ctrl+C: stop now
             os.kill(os.getpid(), signal.SIGINT)
@@ -149,7 +155,7 @@ def variant(section: str | None, **changes) -> dict:
 
 
 def test_checkpoint_config_mismatches():
-    mismatch = runner.first_mismatch
+    mismatch = first_mismatch
     assert mismatch(CONFIG, variant("dataset", data_dir="/b", batch_size=7), False)[0] is None
     assert mismatch(CONFIG, variant("dataset", input="dense"), False)[0] is None  # same results
     assert mismatch(CONFIG, variant("model", d=5), True) == ("model.d", 10, 5)
@@ -169,24 +175,24 @@ def test_checkpoint_config_mismatches():
         match=r"was written with model.d=10, this run has model.d=5; "
         r"resume it with d=10",
     ):
-        runner.check_checkpoint(ckpt, "x.ckpt", {"w": (2,)}, variant("model", d=5), False)
+        check_checkpoint(ckpt, "x.ckpt", {"w": (2,)}, variant("model", d=5), False)
     with pytest.raises(ConfigError, match=r"w is \(2,\) in the checkpoint, \(3,\) here"):
-        runner.check_checkpoint(ckpt, "x.ckpt", {"w": (3,)}, CONFIG, False)
-    runner.check_checkpoint(ckpt, "x.ckpt", {"w": (2,)}, CONFIG, False)
+        check_checkpoint(ckpt, "x.ckpt", {"w": (3,)}, CONFIG, False)
+    check_checkpoint(ckpt, "x.ckpt", {"w": (2,)}, CONFIG, False)
 
 
 def test_unsafe_checkpoint_error_gives_no_unsafe_advice(tmp_path):
     evil = tmp_path / "evil.ckpt"
     evil.write_bytes(pickle.dumps({"state_dict": os.system}))
     with pytest.raises(ConfigError) as info:
-        runner.load_checkpoint(evil)
+        load_checkpoint(evil)
     message = str(info.value)
     assert "Python objects other than tensors and plain types" in message
     assert "weights_only" not in message and "\n" not in message
 
 
 def test_resume_command_quotes_and_replaces_paths():
-    cmd = runner.resume_command(
+    cmd = resume_command(
         "/w d", "/usr/bin/python", "run.py", ["task.milestones=[1]", "ckpt_path=old"], "o", "o/l"
     )
     cd, rest = cmd.split(" && ")
@@ -198,7 +204,7 @@ def test_resume_command_quotes_and_replaces_paths():
         "hydra.run.dir=/w d/o",
         "ckpt_path=/w d/o/l",
     ]
-    again = runner.resume_command(
+    again = resume_command(
         "/w", "py", "/r/run.py", ["ckpt_path=x", "train=false"], "o", None
     )
     assert again == "cd /w && py /r/run.py ckpt_path=x train=false hydra.run.dir=/w/o"
@@ -216,10 +222,10 @@ def test_last_checkpoint_is_written_after_the_monitored_ones():
 
 def test_summary_schema():
     info = {"model": "dblock"}
-    assert runner.summary(info, {"test/samples": 3.0})["test/samples"] == 3
-    assert runner.summary(info, status="interrupted", signal="SIGTERM")["status"] == "interrupted"
+    assert summary(info, {"test/samples": 3.0})["test/samples"] == 3
+    assert summary(info, status="interrupted", signal="SIGTERM")["status"] == "interrupted"
     with pytest.raises(ValueError, match="status='done'"):
-        runner.summary(info, status="done")
+        summary(info, status="done")
 
 
 # --- the cache checksum ---------------------------------------------------------------------

@@ -259,7 +259,7 @@ def test_no_host_sync_in_the_forward_and_backward(kernel_name):
     attached recurrence), LIF, readout (sum and max), the event-driven projection. On a GPU each
     would stall the host until the device catches up. The readout copied an index to the
     device in every forward; the sparse projection's ``bincount`` read its largest index."""
-    from dblock.functional.events import event_linear
+    from dblock.functional.event_linear import event_linear
     from experiments.dispatch_count import DispatchCount
 
     current, beta, weight, bias = make(2, 5, 30, seed=4)

@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from dblock import functional as F
 from dblock.functional import reference as R
-from dblock.functional.block_kernel import block_groups
+from dblock.functional.blocks.arithmetic import block_groups
 from tests.conftest import DEVICE
 
 

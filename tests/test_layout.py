@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from datamodules.bursts import BurstsDataModule
 from dblock.models import SNNClassifier
-from dblock.task import SNNTask
+from dblock.training.task import SNNTask
 
 COPIES = {
     torch.ops.aten.copy_.default,

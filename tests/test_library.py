@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import dblock
-from datamodules.events import write_h5
-from dblock.config_check import ConfigError
+from datamodules.hdf5 import write_h5
+from dblock.errors import ConfigError
 from dblock.models import SNNClassifier
 from dblock.nn import DBlockLayer, LIFLayer
 from tests.faults import TINY, run_cli, run_env
@@ -130,7 +130,7 @@ def _test_batches(run_dir: Path, n: int = 2):
 
 
 def test_load_model_from_the_checkpoint_alone(reference):
-    from dblock.task import SNNTask
+    from dblock.training.task import SNNTask
 
     ckpt = reference / "checkpoints" / "last.ckpt"
     net = dblock.load_model(ckpt)

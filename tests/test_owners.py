@@ -20,7 +20,16 @@ from pathlib import Path
 import pytest
 
 from dblock import files
-from dblock.config_check import ConfigError
+from dblock.errors import ConfigError
+from dblock.files import (
+    HOST,
+    identity,
+    ns_tag,
+    pid_namespace,
+    remove_orphans,
+    start_time,
+)
+from dblock.launch.lock import RunLock
 from tests.faults import dead_pid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +38,7 @@ ENV = {"PYTHONPATH": str(ROOT), "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
 HOLD_LOCK = """
 import os, sys, time
 from dblock import files
-lock = files.RunLock(sys.argv[1])
+lock = RunLock(sys.argv[1])
 lock.acquire()
 print(os.getpid(), flush=True)
 time.sleep(120)
@@ -40,7 +49,7 @@ import os, subprocess, sys, time
 from dblock import files
 if os.getpid() == 1:  # the container's first process starts the writer: not pid 1
     sys.exit(subprocess.call([sys.executable, "-c", os.environ["SCRIPT"], *sys.argv[1:]]))
-with files.atomic_path(sys.argv[1]) as tmp:
+with atomic_path(sys.argv[1]) as tmp:
     tmp.write_bytes(b"half")
     print(tmp.name, flush=True)
     time.sleep(120)
@@ -50,7 +59,7 @@ with files.atomic_path(sys.argv[1]) as tmp:
 REMOVE = """
 import sys
 from dblock import files
-print([p.name for p in files.remove_orphans([sys.argv[1]])])
+print([p.name for p in remove_orphans([sys.argv[1]])])
 """
 
 
@@ -98,38 +107,38 @@ def test_a_container_killed_and_rerun_takes_its_own_lock_over(tmp_path, caplog):
     second = in_container(HOLD_LOCK, tmp_path)
     try:
         assert first_line(second) == "1"  # it took the lock over
-        assert json.loads((tmp_path / ".lock").read_text())["pidns"] != files.pid_namespace()
+        assert json.loads((tmp_path / ".lock").read_text())["pidns"] != pid_namespace()
         # a live owner in another namespace holds it: refused from here
         with pytest.raises(ConfigError, match="in use by pid 1 "):
-            files.RunLock(tmp_path).acquire()
+            RunLock(tmp_path).acquire()
     finally:
         killed(second, tmp_path)
-    with caplog.at_level(logging.WARNING), files.RunLock(tmp_path):  # and now it is gone
+    with caplog.at_level(logging.WARNING), RunLock(tmp_path):  # and now it is gone
         assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
     assert "locked by pid 1, which is gone; taking it over" in caplog.text
 
 
 def fake_lock(run_dir: Path, **fields) -> None:
-    (run_dir / ".lock").write_text(json.dumps({**files.identity(), **fields}))
+    (run_dir / ".lock").write_text(json.dumps({**identity(), **fields}))
 
 
 def test_lock_records_with_another_namespace_or_start_time(tmp_path):
     # this very pid, started at another time: a previous process whose pid was reused
-    fake_lock(tmp_path, start=files.start_time(os.getpid()) - 1)
-    with files.RunLock(tmp_path):
+    fake_lock(tmp_path, start=start_time(os.getpid()) - 1)
+    with RunLock(tmp_path):
         pass
     # a live pid of another PID namespace that holds no lock: it is not this host's process
-    fake_lock(tmp_path, pid=os.getppid(), pidns=files.pid_namespace() + 1)
-    with files.RunLock(tmp_path):
+    fake_lock(tmp_path, pid=os.getppid(), pidns=pid_namespace() + 1)
+    with RunLock(tmp_path):
         pass
     # the same live process (pid and start time): held, even without the lock
     parent = os.getppid()
-    fake_lock(tmp_path, pid=parent, start=files.start_time(parent))
+    fake_lock(tmp_path, pid=parent, start=start_time(parent))
     with pytest.raises(ConfigError, match=f"in use by pid {parent} "):
-        files.RunLock(tmp_path).acquire()
+        RunLock(tmp_path).acquire()
     # another boot: whatever its pid, it is gone
     fake_lock(tmp_path, pid=parent, boot="another-boot")
-    with files.RunLock(tmp_path):
+    with RunLock(tmp_path):
         pass
 
 
@@ -144,7 +153,7 @@ def test_a_live_writer_in_another_container_keeps_its_temp_file(tmp_path):
         other = in_container(REMOVE, tmp_path)
         assert first_line(other) == "[]"
         other.wait(60)
-        assert files.remove_orphans([tmp_path]) == []
+        assert remove_orphans([tmp_path]) == []
         assert (tmp_path / name).exists()
     finally:
         killed(writer)
@@ -152,19 +161,19 @@ def test_a_live_writer_in_another_container_keeps_its_temp_file(tmp_path):
 
 def test_temp_files_by_identity(tmp_path):
     me, dead = os.getpid(), dead_pid()
-    start = files.start_time(me)
-    other_ns = files.ns_tag(pidns=files.pid_namespace() + 1)
+    start = start_time(me)
+    other_ns = ns_tag(pidns=pid_namespace() + 1)
     keep = [
-        tmp_path / f"a.h5.{me}@{files.HOST}.{files.ns_tag()}-{start}.tmp",  # this process
-        tmp_path / f"b.h5.{dead}@{files.HOST}.{other_ns}-5.tmp",  # another container
+        tmp_path / f"a.h5.{me}@{HOST}.{ns_tag()}-{start}.tmp",  # this process
+        tmp_path / f"b.h5.{dead}@{HOST}.{other_ns}-5.tmp",  # another container
     ]
     gone = [
-        tmp_path / f"c.h5.{me}@{files.HOST}.{files.ns_tag()}-{start - 1}.tmp",  # pid reused
-        tmp_path / f"d.h5.{dead}@{files.HOST}.{files.ns_tag()}-{start}.tmp",  # writer died
+        tmp_path / f"c.h5.{me}@{HOST}.{ns_tag()}-{start - 1}.tmp",  # pid reused
+        tmp_path / f"d.h5.{dead}@{HOST}.{ns_tag()}-{start}.tmp",  # writer died
     ]
     for p in keep + gone:
         p.write_text("x")
-    assert sorted(files.remove_orphans([tmp_path])) == sorted(gone)
+    assert sorted(remove_orphans([tmp_path])) == sorted(gone)
     assert all(p.exists() for p in keep)
     # the temp file this process writes is named by its identity
     assert files.tmp_path(tmp_path / "e.h5").name == keep[0].name.replace("a.h5", "e.h5")

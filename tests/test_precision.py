@@ -11,7 +11,7 @@ import torch
 from datamodules.bursts import BurstsDataModule
 from dblock import functional as F
 from dblock.models import SNNClassifier
-from dblock.task import SNNTask
+from dblock.training.task import SNNTask
 
 
 def _inputs(t=60, b=3, n=6, seed=0):
@@ -124,7 +124,8 @@ def test_bf16_true_trains_on_dense_input(tmp_path):
 def test_16_true_is_refused_with_one_line(tmp_path):
     """float16 weights with Adam (eps 1e-8 is 0 in float16) turn the loss NaN in the first
     epoch: ``16-true`` is refused before training, naming what to use instead."""
-    from dblock.config_check import ConfigError, check_config
+    from dblock.errors import ConfigError
+    from dblock.launch.config import check_config
     from tests.test_reliability import composed
 
     check_config(composed(tmp_path, "trainer.precision=bf16-true"))
@@ -136,7 +137,7 @@ def test_matmul_precision_high_allows_tf32_during_the_run_only(tmp_path):
     """``task.matmul_precision=high``: CUDA's float32 matmuls (the projections) may run in
     TF32 from setup to teardown, set through the per-backend API; ``highest`` (the default)
     touches nothing; anything else is refused naming the valid values."""
-    from dblock.config_check import check_config
+    from dblock.launch.config import check_config
     from tests.test_reliability import composed
 
     matmul = torch.backends.cuda.matmul

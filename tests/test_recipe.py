@@ -8,7 +8,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from dblock.models import SNNClassifier
-from dblock.task import PaperRecipe, SNNTask
+from dblock.training.recipe import PaperRecipe
+from dblock.training.task import SNNTask
 
 LOSSES = [3.0, 1.0, 2.0, 4.0, 5.0]  # scripted train/loss per epoch: the best epoch is 1
 

@@ -19,7 +19,8 @@ from omegaconf import OmegaConf
 
 from datamodules.base import ShardSampler
 from datamodules.bursts import BurstsDataModule
-from dblock.config_check import ConfigError, check_config, check_data_dir
+from dblock.errors import ConfigError
+from dblock.launch.config import check_config, check_data_dir
 from tests.faults import RESUMABLE, TINY, dead_pid, fault, run_cli
 from tests.test_run import ROOT, results, run
 

@@ -14,11 +14,12 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from pytorch_lightning.callbacks import TQDMProgressBar
 
-import preflight as early
 import run as run_py
-from dblock import runner
-from dblock.config_check import ConfigError, accepted_keywords
-from dblock.console import EpochLines, progress_bar
+from dblock.errors import ConfigError
+from dblock.launch import preflight as early
+from dblock.launch.config import accepted_keywords
+from dblock.training.progress import EpochLines, progress_bar
+from dblock.training.results import one_line
 from tests.faults import TINY, fault, run_cli, run_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -263,16 +264,16 @@ def test_summary_line_says_what_ran():
         "tested_epoch": 2,
         "smoke": False,
     }
-    line = runner.one_line(summary, "run")
+    line = one_line(summary, "run")
     assert line.startswith("dblock d=10 layers=1 recurrent detach_recurrent=false reduce=max on")
     assert "0.50 s/epoch, 3 epochs" in line
-    line = runner.one_line(summary, "run", trained=False)  # train=false: nothing was trained
+    line = one_line(summary, "run", trained=False)  # train=false: nothing was trained
     assert (
         "s/epoch" not in line and "evaluated run/checkpoints/best.ckpt (trained 2 epochs)" in line
     )
-    line = runner.one_line({**summary, "smoke": True}, "run")
+    line = one_line({**summary, "smoke": True}, "run")
     assert line.startswith("smoke run of") and "test acc" not in line and "not results" in line
-    line = runner.one_line({**summary, "recurrent": False}, "run")
+    line = one_line({**summary, "recurrent": False}, "run")
     assert " feedforward reduce=max" in line and "detach" not in line
 
 

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from dblock.config_check import ConfigError
+from dblock.errors import ConfigError
 from dblock.values import boolean, positive_int
 from tests.faults import TINY, run_cli
 from tests.test_run import preflight

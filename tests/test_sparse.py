@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.nn import functional as TF
 
-from datamodules.events import EventStore
+from datamodules.store import EventStore
 from dblock import functional as F
 from dblock.models import SNNClassifier
 from dblock.nn import Projection

@@ -2,9 +2,9 @@
 input projection, reference."""
 
 from dblock.functional import reference
-from dblock.functional.block import check_kernel, dblock_neurons, pick_kernel
-from dblock.functional.blocks import block_lengths, check_d
-from dblock.functional.events import event_linear
+from dblock.functional.blocks.arithmetic import block_lengths, check_d
+from dblock.functional.blocks.neurons import check_kernel, dblock_neurons, pick_kernel
+from dblock.functional.event_linear import event_linear
 from dblock.functional.lif import lif_neurons
 from dblock.functional.readout import leaky_readout
 from dblock.functional.surrogate import fast_sigmoid, get_surrogate

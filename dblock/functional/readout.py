@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dblock.functional.blocks import block_lengths
+from dblock.functional.blocks.arithmetic import block_lengths
 from dblock.functional.precision import HALF, float32_dynamics, ieee_matmuls
 
 REDUCTIONS = ("sum", "max")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dblock.functional.blocks import block_lengths
+from dblock.functional.blocks.arithmetic import block_lengths
 from dblock.functional.surrogate import fast_sigmoid
 
 

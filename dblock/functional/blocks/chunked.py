@@ -55,7 +55,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from dblock.functional.block_kernel import block_groups, decay_powers
+from dblock.functional.blocks.arithmetic import block_groups, decay_powers
 from dblock.functional.precision import ieee_matmuls
 from dblock.values import positive_int
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dblock.functional.block_chunked import chunk_plan, chunked_kernel
-from dblock.functional.block_kernel import dblock_kernel
-from dblock.functional.blocks import block_lengths
+from dblock.functional.blocks.arithmetic import block_lengths
+from dblock.functional.blocks.chunked import chunk_plan, chunked_kernel
+from dblock.functional.blocks.loop import dblock_kernel
 from dblock.functional.precision import float32_dynamics
 
 KERNELS = ("auto", "loop", "chunked")

@@ -17,7 +17,8 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from dblock.config_check import ConfigError, check_keys, first_line
+from dblock.errors import ConfigError, first_line
+from dblock.launch.config import check_keys
 
 CONF = Path(__file__).resolve().parent / "conf"
 MULTIRUN_FLAGS = ("-m", "--multirun")

@@ -1,8 +1,9 @@
-"""Checks a run's settings before anything starts: one clear message naming the option.
+"""The run's settings, checked before anything starts: every key, then every value.
 
-Works on plain dicts (the resolved config), so it imports neither hydra nor omegaconf.
-Every failure raises ``ConfigError`` (a ``ValueError``) whose message names the option, the bad
-value and the allowed values.
+``known_keys`` reads the keys ``conf/`` defines; ``check_keys`` refuses a key that nothing reads
+(a misspelt option would otherwise be silently ignored); ``check_config`` refuses values out of
+range, naming the option, the bad value and the allowed ones; ``validate`` runs both on a composed
+job. Each value rule is the owner's own check (the d range is ``dblock.functional``'s), called here.
 """
 
 from __future__ import annotations
@@ -13,50 +14,79 @@ import importlib
 import inspect
 import math
 import os
+import re
 import textwrap
 from collections.abc import Iterable, Mapping
 from functools import cache
 from pathlib import Path
 
-from dblock.functional.block import KERNELS
+from omegaconf import DictConfig, OmegaConf
+
+from datamodules.inputs import INPUTS
+from dblock.errors import ConfigError, first_line
+from dblock.functional.blocks.neurons import KERNELS
 from dblock.models.classifier import MODELS
+from dblock.training.checkpoints import missing_checkpoint
 from dblock.values import boolean, is_int, is_number, positive_int
 
+CONF = Path(__file__).resolve().parent / "conf"
+
+
+_KNOWN: list = []  # known_keys(), once per process (a plain list: joblib pickles main by value)
+
+
+def known_keys() -> tuple[frozenset[str], dict[str, frozenset[str]], dict[str, dict], set]:
+    """The keys conf/ defines: at the top level, and inside nodes without a ``_target_``.
+
+    Top level: config.yaml's keys, the groups that fill a key of their own name (model,
+    dataset, ...), and the keys that ``@package _global_`` files set (experiment/, recipe/ ...).
+    Inside a plain node (``selection``, ``paths``): the keys its files define. Nodes with a
+    ``_target_`` are checked against the target's arguments instead (config_check.check_keys);
+    the third item gives, per group, the keys each option's file defines (for the message);
+    the fourth names the groups whose entries are objects to create (callbacks, logger).
+    """
+    if _KNOWN:
+        return _KNOWN[0]
+    main = OmegaConf.to_container(OmegaConf.load(CONF / "config.yaml"))
+    top = {k for k in main if k != "defaults"}
+    plain = {k: set(v) for k, v in main.items() if isinstance(v, dict) and "_target_" not in v}
+    options: dict[str, dict] = {}
+    collections = set()
+    for group in (p for p in CONF.iterdir() if p.is_dir() and p.name != "hydra"):
+        for file in group.glob("*.yaml"):
+            node = OmegaConf.to_container(OmegaConf.load(file)) or {}
+            keys = {k for k in node if k not in ("defaults", "hydra")}
+            if re.search(r"^#\s*@package\s+_global_", file.read_text(), re.M):
+                top |= keys
+                continue
+            top.add(group.name)
+            entries = all(isinstance(v, dict | None) for v in node.values())  # callbacks, logger
+            if "_target_" in node or entries:
+                options.setdefault(group.name, {})[file.stem] = keys
+                if "_target_" not in node:
+                    collections.add(group.name)
+            else:
+                plain.setdefault(group.name, set()).update(keys)  # e.g. paths
+    _KNOWN.append(
+        (frozenset(top), {k: frozenset(v) for k, v in plain.items()}, options, collections)
+    )
+    return _KNOWN[0]
+
+
+def validate(cfg: DictConfig) -> dict:
+    """Check a job's config (without its ``hydra`` node): keys first, since a misspelt key
+    explains a wrong value; then the values. Returns the resolved config."""
+    check_keys(OmegaConf.to_container(cfg, resolve=False), *known_keys())
+    try:
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+    except Exception as err:  # a missing environment variable, a bad interpolation
+        raise ConfigError(f"the config cannot be resolved: {first_line(err)}") from None
+    check_config(resolved)
+    return resolved
+
 MONITORS = ("train/loss", "train/acc", "val/loss", "val/acc")
-INPUTS = ("auto", "dense", "sparse")  # dataset.input: the batch format (datamodules/base.py)
 MODES = ("min", "max")
 TEST_CKPTS = ("best", "last")
-
-
-class ConfigError(ValueError):
-    """A setting is out of range or unknown; the message names it and the allowed values."""
-
-
-def missing_checkpoint(path: str | Path) -> str | None:
-    """Why ``path`` cannot be a checkpoint file before it is opened, or None when it can.
-
-    Checkpoints are local files: a URL is never fetched (Lightning would download it and unpickle
-    it with ``weights_only=False``), a directory is named as one."""
-    text = str(path)
-    if "://" in text:
-        return (
-            f"ckpt_path={text} is a URL; dblock loads checkpoints only from local files "
-            "(download it yourself if you trust its source, then give the file's path)"
-        )
-    file = Path(path)
-    if file.is_dir():
-        found = [file / n for n in ("last.ckpt", "checkpoints/last.ckpt") if (file / n).is_file()]
-        example = f"ckpt_path={found[0]}" if found else "a run's checkpoints/last.ckpt or best.ckpt"
-        return f"ckpt_path={text} is a directory; give the checkpoint file in it ({example})"
-    if not file.is_file():
-        return f"ckpt_path={text} does not exist; give the path of a .ckpt file"
-    return None
-
-
-def first_line(err: BaseException) -> str:
-    """An exception's message as one line: its first paragraph, lines joined."""
-    lines = [line.strip() for line in str(err).strip().split("\n\n")[0].splitlines()]
-    return " ".join(line for line in lines if line) or type(err).__name__
 
 
 def _int_at_least(name: str, value, low: int) -> None:

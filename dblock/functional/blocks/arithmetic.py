@@ -1,8 +1,33 @@
-"""How the T time steps split into d blocks (SPEC §3)."""
+"""The block arithmetic every d-block kernel shares (docs/model.md §3): the d range, the
+block lengths (d blocks of ``floor(T / d)`` plus a remainder), blocks grouped by length, and the
+powers of beta inside a block.
+"""
 
 from __future__ import annotations
 
+import torch
+from torch import Tensor
+
 from dblock.values import is_int
+
+
+def block_groups(lengths: list[int]) -> list[tuple[int, int, int]]:
+    """Runs of equal-length blocks as ``(start, n_blocks, length)``: the full blocks, then the
+    remainder block if its length differs."""
+    length = lengths[0]
+    n_full = len(lengths) - (lengths[-1] != length)
+    groups = [(0, n_full, length)]
+    if n_full < len(lengths):
+        groups.append((n_full * length, 1, lengths[-1]))
+    return groups
+
+
+def decay_powers(beta: Tensor, length: int) -> Tensor:
+    """``beta ** k`` for ``k = 0 .. length-1``, shape (length, N); safe at ``beta = 0``."""
+    ones = torch.ones_like(beta).unsqueeze(0)
+    if length == 1:
+        return ones
+    return torch.cat([ones, torch.cumprod(beta.expand(length - 1, -1), dim=0)])
 
 
 def check_d(d: int, t_len: int) -> None:

@@ -24,29 +24,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
-def block_groups(lengths: list[int]) -> list[tuple[int, int, int]]:
-    """Runs of equal-length blocks as ``(start, n_blocks, length)``: the full blocks, then the
-    remainder block if its length differs."""
-    length = lengths[0]
-    n_full = len(lengths) - (lengths[-1] != length)
-    groups = [(0, n_full, length)]
-    if n_full < len(lengths):
-        groups.append((n_full * length, 1, lengths[-1]))
-    return groups
+from dblock.functional.blocks.arithmetic import block_groups, decay_powers
 
 
 def _blocks(x: Tensor, start: int, n_blocks: int, length: int) -> Tensor:
     """Steps ``[start, start + K * L)`` of a (T, B, N) tensor as a (K, L, B, N) view."""
     return x[start : start + n_blocks * length].unflatten(0, (n_blocks, length))
-
-
-def decay_powers(beta: Tensor, length: int) -> Tensor:
-    """``beta ** k`` for ``k = 0 .. length-1``, shape (length, N); safe at ``beta = 0``."""
-    ones = torch.ones_like(beta).unsqueeze(0)
-    if length == 1:
-        return ones
-    return torch.cat([ones, torch.cumprod(beta.expand(length - 1, -1), dim=0)])
 
 
 def _membrane(j: Tensor, u: Tensor, beta: Tensor) -> None:

@@ -1,0 +1,1 @@
+"""dblock.training."""
