@@ -22,10 +22,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from datamodules.batches import BatchBuffers
+from datamodules.batches import INPUTS, BatchBuffers
 from datamodules.cache import cached_store
 from datamodules.checks import DataError, check_dropped
-from datamodules.inputs import INPUTS
 from datamodules.store import EventStore
 from dblock.values import boolean, is_number, positive_int
 

@@ -12,13 +12,27 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from datamodules.store import EventStore
+INPUTS = ("auto", "dense", "sparse")  # dataset.input: the batch format (datamodules/base.py)
+
+
+class EventStore(Protocol):
+    """What a batch is built from: ``datamodules.store.EventStore`` (named here as a protocol,
+    so that this module, which the store calls, does not import it back)."""
+
+    t_len: int
+    n_in: int
+    units: Tensor
+    bins: Tensor
+    offsets: Tensor
+    repeats: Tensor | None
+    single: bool
+    n_entries: int
+    bin_counts: Tensor
 
 
 def single_threaded(build):

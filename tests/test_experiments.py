@@ -15,7 +15,7 @@ from hydra.errors import MissingConfigException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-import run  # noqa: F401  (registers the dblock.* resolvers)
+from dblock.launch.wandb_setup import wandb_offline  # also registers the dblock.* resolvers
 from tests.faults import TINY, run_cli
 from tests.test_run import results
 from tests.test_run import run as run_in_new_process
@@ -178,11 +178,11 @@ def test_wandb_offline_unless_logged_in(monkeypatch, tmp_path):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
-    assert dblock.launch.wandb_setup.wandb_offline()  # no key anywhere: offline
+    assert wandb_offline()  # no key anywhere: offline
     (tmp_path / "netrc").write_text("machine api.wandb.ai login user password k3y\n")
-    assert not dblock.launch.wandb_setup.wandb_offline()  # logged in: online
+    assert not wandb_offline()  # logged in: online
     monkeypatch.setenv("WANDB_MODE", "offline")
-    assert dblock.launch.wandb_setup.wandb_offline()  # forced offline
+    assert wandb_offline()  # forced offline
     cfg = composed(tmp_path, ["logger=wandb", "experiment=fig4a_shd", "dataset=bursts", "seed=2"])
     logger = OmegaConf.to_container(cfg.logger.wandb, resolve=True)
     assert logger["offline"] is True and logger["group"] == "fig4a_shd"

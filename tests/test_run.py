@@ -14,7 +14,6 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from pytorch_lightning.callbacks import TQDMProgressBar
 
-import run as run_py
 from dblock.errors import ConfigError
 from dblock.launch import preflight as early
 from dblock.launch.config import accepted_keywords
@@ -147,7 +146,7 @@ def test_wandb_offline(tmp_path):
 
 def preflight(argv: list[str]) -> list[str]:
     """run.py's check before Hydra starts (as its __main__ calls it)."""
-    return early.preflight(argv, run_py.validate, run_py.known_keys)
+    return early.preflight(argv)
 
 
 @pytest.mark.parametrize(

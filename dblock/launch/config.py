@@ -22,14 +22,14 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from datamodules.inputs import INPUTS
+from datamodules.batches import INPUTS
 from dblock.errors import ConfigError, first_line
 from dblock.functional.blocks.neurons import KERNELS
 from dblock.models.classifier import MODELS
 from dblock.training.checkpoints import missing_checkpoint
 from dblock.values import boolean, is_int, is_number, positive_int
 
-CONF = Path(__file__).resolve().parent / "conf"
+CONF = Path(__file__).resolve().parents[2] / "conf"  # the repo's Hydra config groups
 
 
 _KNOWN: list = []  # known_keys(), once per process (a plain list: joblib pickles main by value)

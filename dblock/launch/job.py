@@ -9,6 +9,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -30,8 +31,48 @@ from dblock.training.signals import SignalStop
 log = logging.getLogger("dblock")
 
 
+@dataclass(frozen=True)
+class Job:
+    """What Hydra says of this job, read once from its runtime config (``HydraConfig``)."""
 
-def build(cfg: DictConfig, ckpt_path: str | None = None):
+    out_dir: Path  # the run folder
+    cwd: str  # where the command was typed
+    multirun: bool
+    num: int  # the job's number in its sweep (0 outside one)
+    sweep_dir: str | None  # the sweep's folder, in a multirun
+    choices: dict  # the config groups' choices (``dataset=shd``, ``recipe=paper``)
+    overrides: tuple[str, ...]  # the job's overrides as typed
+    config_name: str | None
+    sweeper: dict = field(default_factory=dict)  # plain copies, for re-splitting a sweep
+    launcher: dict = field(default_factory=dict)
+
+    @classmethod
+    def current(cls) -> Job:
+        hc = HydraConfig.get()
+        multirun = hc.mode == RunMode.MULTIRUN
+        return cls(
+            out_dir=Path(hc.runtime.output_dir),
+            cwd=hc.runtime.cwd,
+            multirun=multirun,
+            num=hc.job.num if multirun else 0,
+            sweep_dir=str(hc.sweep.dir) if multirun else None,
+            choices=dict(hc.runtime.choices),
+            overrides=tuple(hc.overrides.task),
+            config_name=hc.job.config_name,
+            sweeper=OmegaConf.to_container(hc.sweeper),
+            launcher=OmegaConf.to_container(hc.launcher),
+        )
+
+    @property
+    def parallel(self) -> bool:
+        """A sweep whose jobs run side by side (any launcher but Hydra's basic one)."""
+        return self.multirun and not str(self.launcher.get("_target_", "")).endswith(
+            "BasicLauncher"
+        )
+
+
+
+def build(cfg: DictConfig, job: Job, ckpt_path: str | None = None):
     """Instantiate the datamodule, network, task, loggers, callbacks and trainer from ``cfg``
     (``ckpt_path``: the checkpoint the run starts from, which a wandb run continues)."""
     import pytorch_lightning as pl
@@ -42,10 +83,10 @@ def build(cfg: DictConfig, ckpt_path: str | None = None):
     check_data_dir(datamodule.data_dir, datamodule.writes_data_dir())
     check_selection(cfg.selection.monitor, datamodule.has_val)
     task = instantiate(cfg.task, model=instantiate(cfg.model), _convert_="all")
-    task.run_config = run_config(cfg)  # stored in every checkpoint, checked on resume / eval
+    task.run_config = run_config(cfg, job)  # stored in every checkpoint, checked on resume / eval
     # an entry set to null (e.g. callbacks.best=null) is switched off
     loggers = [
-        instantiate(c, **logger_args(c, cfg, ckpt_path))
+        instantiate(c, **logger_args(c, cfg, job, ckpt_path))
         for c in (cfg.get("logger") or {}).values()
         if c is not None
     ]
@@ -59,7 +100,7 @@ def build(cfg: DictConfig, ckpt_path: str | None = None):
         trainer.world_size > 1
         and not trainer.strategy.cluster_environment.creates_processes_externally
     )
-    if spawns and HydraConfig.get().mode == RunMode.MULTIRUN:
+    if spawns and job.multirun:
         # Lightning would start each extra process with this command line: the whole sweep again
         raise ConfigError(
             "trainer=ddp inside a -m sweep needs its processes started by SLURM: use "
@@ -69,32 +110,31 @@ def build(cfg: DictConfig, ckpt_path: str | None = None):
     return datamodule, task, trainer
 
 
-def logger_args(entry: DictConfig, cfg: DictConfig, ckpt_path: str | None) -> dict:
+def logger_args(entry: DictConfig, cfg: DictConfig, job: Job, ckpt_path: str | None) -> dict:
     """What run.py adds to a wandb logger: the run dir's run id (a resumed run continues its
     wandb run) and, inside a sweep without an experiment, the sweep's group."""
     if not str(entry.get("_target_", "")).endswith("WandbLogger"):
         return {}
-    hc = HydraConfig.get()
     out = {}
     if entry.get("id") is None:
         fresh_start = cfg.train and ckpt_path is None
-        out = {"id": wandb_run_id(Path(hc.runtime.output_dir), fresh_start), "resume": "allow"}
-    if entry.get("group") is None and hc.mode == RunMode.MULTIRUN:
-        out["group"] = sweeps.wandb_group(None, hc.sweep.dir)
+        out = {"id": wandb_run_id(job.out_dir, fresh_start), "resume": "allow"}
+    if entry.get("group") is None and job.multirun:
+        out["group"] = sweeps.wandb_group(None, job.sweep_dir)
     return out
 
 
-def run_config(cfg: DictConfig) -> dict:
+def run_config(cfg: DictConfig, job: Job) -> dict:
     """The model and dataset settings a checkpoint must match (plain types, see runner)."""
     return {
         "dataset": {
-            "name": HydraConfig.get().runtime.choices.get("dataset"),
+            "name": job.choices.get("dataset"),
             **OmegaConf.to_container(cfg.dataset, resolve=True),
         },
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "seed": cfg.seed,
         "training": {  # what a resume must not change (TRAINING_KEYS)
-            "recipe": HydraConfig.get().runtime.choices.get("recipe"),
+            "recipe": job.choices.get("recipe"),
             "selection.monitor": cfg.selection.monitor,
             "selection.mode": cfg.selection.mode,
             "task.lr": cfg.task.lr,
@@ -112,13 +152,13 @@ def load_checkpoint(path: str, task, train: bool) -> dict:
     return ckpt
 
 
-def check_resume(cfg: DictConfig, path: str, ckpt: dict) -> None:
+def check_resume(cfg: DictConfig, job: Job, path: str, ckpt: dict) -> None:
     """A training resume continues a run of this folder, with epochs left to train.
 
     The checkpoint callbacks find their best checkpoint in this run's folder (never where the
     checkpoint says: dblock.training.checkpoint_io.RunCheckpoint), so a checkpoint of another folder would test
     a best checkpoint that is not there."""
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    out_dir = job.out_dir
     file = Path(path)
     if out_dir.resolve() not in file.resolve().parents:
         home = file.parent.parent if file.parent.name == "checkpoints" else file.parent
@@ -136,7 +176,7 @@ def check_resume(cfg: DictConfig, path: str, ckpt: dict) -> None:
         )
 
 
-def run_info(cfg: DictConfig) -> dict:
+def run_info(cfg: DictConfig, job: Job) -> dict:
     """What the run is, as results.json reports it (the config the checkpoints were checked by)."""
     return {
         "n_classes": cfg.dataset.n_classes,
@@ -147,7 +187,7 @@ def run_info(cfg: DictConfig) -> dict:
         "recurrent": cfg.recurrent,
         "detach_recurrent": cfg.detach_recurrent,
         "reduce": cfg.model.reduce,
-        "dataset": HydraConfig.get().runtime.choices.get("dataset"),
+        "dataset": job.choices.get("dataset"),
         "seed": cfg.seed,
         "smoke": bool(cfg.trainer.get("fast_dev_run")),  # one batch per split: not a result
         "selection": f"{cfg.selection.monitor} ({cfg.selection.mode})",
@@ -170,6 +210,43 @@ def checkpoint_paths(trainer) -> tuple[str | None, str | None]:
         else:
             best = callback.best_model_path or best
     return existing(last), existing(best)
+
+
+def selection_score(trainer, monitor: str) -> float | None:
+    """The best value of the selection metric that a checkpoint callback saw, if any."""
+    return next(
+        (
+            float(c.best_model_score)
+            for c in trainer.checkpoint_callbacks
+            if c.monitor == monitor and c.best_model_score is not None
+        ),
+        None,
+    )
+
+
+def start_from(cfg: DictConfig, job: Job, task, trainer, ckpt_path: str | None) -> dict | None:
+    """Load and check the checkpoint the run starts from (None: from scratch); on a training
+    resume, the checkpoint callbacks and the metric history continue from it."""
+    try:
+        ckpt = load_checkpoint(ckpt_path, task, cfg.train) if ckpt_path is not None else None
+        if ckpt is not None and cfg.train:
+            check_resume(cfg, job, ckpt_path, ckpt)
+    except ConfigError as err:
+        if cfg.ckpt_path is None:  # the run dir's own last.ckpt (resume_path)
+            raise ConfigError(
+                f"{err}; this run dir holds another run: choose another hydra.run.dir, or "
+                "train from scratch there with rerun=true (its checkpoints are overwritten)"
+            ) from None
+        raise
+    if cfg.train:
+        for callback in trainer.checkpoint_callbacks if ckpt is not None else ():
+            callback.resuming = True  # its folder holds the run's checkpoints
+        for logger in trainer.loggers:  # the metric history continues at the first epoch now
+            if hasattr(logger, "resume_at") and ckpt is not None:
+                logger.resume_at(int(ckpt["epoch"]) + 1, ckpt.get("epoch_log"))
+            elif hasattr(logger, "resume_at"):
+                logger.resume_at(0)
+    return ckpt
 
 
 def last_checkpoint(cfg: DictConfig) -> Path | None:
@@ -195,34 +272,32 @@ def resume_path(cfg: DictConfig) -> str | None:
     return str(last)
 
 
-def orphan_dirs(datamodule) -> list[Path]:
+def orphan_dirs(datamodule, job: Job) -> list[Path]:
     """Where killed writers may have left temp files: the data dir's dataset folders and the
     run's folder and checkpoint folder (the cache cleans its own folder as it loads)."""
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
-    return [out_dir, out_dir / "checkpoints", *Path(datamodule.data_dir).glob("*/")]
+    return [job.out_dir, job.out_dir / "checkpoints", *Path(datamodule.data_dir).glob("*/")]
 
 
 def interrupted(
-    cfg: DictConfig, stop: SignalStop, start: float, lock, ckpt_path: str | None
+    cfg: DictConfig, job: Job, stop: SignalStop, start: float, lock, ckpt_path: str | None
 ) -> dict:
     """results.json of a run stopped by a signal: epochs saved and the command that resumes."""
-    hc = HydraConfig.get()
     last = existing(last_checkpoint(cfg))
     if last is not None and lock is not None and Path(last).stat().st_mtime < lock.mtime:
         last = None  # an older run's file (same filesystem clock as the lock taken at start)
     if ckpt_path is not None and last is None and cfg.train:
         last = existing(ckpt_path)  # stopped before its first checkpoint
     resume = resume_command(
-        hc.runtime.cwd,
+        job.cwd,
         sys.executable,
         sys.argv[0],
-        list(hc.overrides.task),
-        hc.runtime.output_dir,
+        list(job.overrides),
+        str(job.out_dir),
         last if cfg.train else None,
-        hc.job.config_name,
+        job.config_name,
     )
     return results.summary(
-        run_info(cfg),
+        run_info(cfg, job),
         status="interrupted",
         error=f"interrupted by {stop.name}",
         signal=stop.name,

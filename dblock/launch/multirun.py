@@ -5,19 +5,16 @@ that prefixes a parallel job's console lines.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
+from dblock.launch.job import Job
 
 
-def skipped_jobs() -> str:
+def skipped_jobs(job: Job) -> str:
     """Which jobs of a -m sweep did not run because this one was interrupted."""
-    hc = HydraConfig.get()
-    if hc.mode != RunMode.MULTIRUN:
+    if not job.multirun:
         return ""
-    jobs = sweep_jobs()
-    num = hc.job.num
+    jobs = sweep_jobs(job)
+    num = job.num
     if jobs is None:
         return f"; the sweep stops: the jobs after job {num} did not run"
     rest = jobs[num + 1 :]
@@ -27,34 +24,28 @@ def skipped_jobs() -> str:
     return f"; the sweep stops: {len(rest)} job(s) did not run: {listed}"
 
 
-def sweep_jobs() -> list[list[str]] | None:
+def sweep_jobs(job: Job) -> list[list[str]] | None:
     """The overrides of every job of this sweep, as Hydra's basic sweeper splits them (None
     with another sweeper)."""
-    hc = HydraConfig.get()
-    basic = str(hc.sweeper.get("_target_", "")).endswith("BasicSweeper")
-    if not basic or not str(hc.launcher.get("_target_", "")).endswith("BasicLauncher"):
+    basic = str(job.sweeper.get("_target_", "")).endswith("BasicSweeper")
+    if not basic or not str(job.launcher.get("_target_", "")).endswith("BasicLauncher"):
         return None  # another sweeper, or jobs run in parallel
     try:
         from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
         parser = OverridesParser.create()
-        params = [f"{k}={v}" for k, v in (hc.sweeper.get("params") or {}).items()]
+        params = [f"{k}={v}" for k, v in (job.sweeper.get("params") or {}).items()]
         argv = [a for a in sys.argv[1:] if not a.startswith(("-", "hydra.", "hydra/"))]
         overrides = parser.parse_overrides(params) + parser.parse_overrides(argv)
         batches = BasicSweeper.split_arguments(overrides, None)
     except Exception:  # a sweep Hydra ran but we cannot re-split: say less
         return None
-    return [list(job) for batch in batches for job in batch]
+    return [list(overrides) for batch in batches for overrides in batch]
 
 
-def parallel_job_label() -> str:
+def parallel_job_label(job: Job) -> str:
     """The label of this job when a sweep's jobs run side by side (any launcher but Hydra's
     basic one, which runs them one after another): its folder's name, which names it by the
     values it sweeps (``dataset.n_train=256``) or its number. Empty otherwise."""
-    hc = HydraConfig.get()
-    if hc.mode != RunMode.MULTIRUN or str(hc.launcher.get("_target_", "")).endswith(
-        "BasicLauncher"
-    ):
-        return ""
-    return Path(hc.runtime.output_dir).name
+    return job.out_dir.name if job.parallel else ""

@@ -2,25 +2,23 @@
 
 ``check_choices``: unknown config-group options (``model=dblok``). ``preflight``: every job's
 config composed as Hydra will compose it (each job of a plain ``-m`` sweep too) and checked by
-run.py's ``validate`` (unknown keys, then values); it also names a sweep's job folders by the
-values they sweep. Only run.py's ``__main__`` uses this module (the jobs themselves, also in
-other processes, check their config again in ``main``).
+``dblock.launch.config.validate`` (unknown keys, then values); it also names a sweep's job
+folders by the values they sweep. Only run.py's ``__main__`` uses this module (the jobs
+themselves, also in other processes, check their config again in ``main``).
 """
 
 from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Callable
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from dblock.errors import ConfigError, first_line
-from dblock.launch.config import check_keys
+from dblock.launch.config import CONF, check_keys, known_keys, validate
 
-CONF = Path(__file__).resolve().parent / "conf"
 MULTIRUN_FLAGS = ("-m", "--multirun")
 SAFE_NAME = re.compile(r"[A-Za-z0-9+][A-Za-z0-9._,=+-]{0,199}")  # no /, no spaces, no quotes
 
@@ -103,7 +101,7 @@ def _task(cfg: DictConfig) -> DictConfig:
     return task
 
 
-def _check_job(cfg: DictConfig, validate: Callable[[DictConfig], dict]) -> None:
+def _check_job(cfg: DictConfig) -> None:
     """Validate a composed job config, its ``${hydra:...}`` values filled in as for a run."""
     with read_write(cfg.hydra), open_dict(cfg.hydra):
         cfg.hydra.runtime.output_dir = str(Path.cwd() / "<run dir>")
@@ -111,17 +109,14 @@ def _check_job(cfg: DictConfig, validate: Callable[[DictConfig], dict]) -> None:
     validate(_task(cfg))
 
 
-def preflight(
-    argv: list[str], validate: Callable[[DictConfig], dict], known_keys: Callable[[], tuple]
-) -> list[str]:
+def preflight(argv: list[str]) -> list[str]:
     """Compose and check every job's config as Hydra will, before it creates or prints anything.
 
     A plain ``-m`` sweep (Hydra's basic sweeper) is expanded as the sweeper does, and each job
     is checked: a bad value stops the whole sweep before its first job. Returns Hydra overrides
     to append: each job folder named by the values it sweeps (``d=1,layers=2``), when those
-    names are safe and unique and no config sets ``hydra.sweep.subdir`` itself. ``validate``
-    checks a job's config (without its ``hydra`` node); ``known_keys`` gives the keys conf/
-    defines (both run.py's).
+    names are safe and unique and no config sets ``hydra.sweep.subdir`` itself. Each job is
+    checked by ``dblock.launch.config.validate``, as ``run.py`` checks it.
     """
     from hydra import initialize_config_dir
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -141,7 +136,7 @@ def preflight(
     known = known_keys()
     with initialize_config_dir(str(CONF), version_base="1.3"):
         if not multirun:
-            _check_job(_compose(args, known), validate)
+            _check_job(_compose(args, known))
             return []
         first = [  # the master config: each sweep at its first value
             f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}"
@@ -153,12 +148,12 @@ def preflight(
         master = _compose(hydra_args + first, known)
         if not master.hydra.sweeper._target_.endswith(".BasicSweeper"):
             # the sweeper chooses the values: each job is checked as it starts
-            _check_job(master, validate)
+            _check_job(master)
             return []
         params = [f"{k}={v}" for k, v in (master.hydra.sweeper.params or {}).items()]
         every = parser.parse_overrides(params + [o.input_line for o in task])
         if any(o.is_sweep_override() and not o.is_discrete_sweep() for o in every):
-            _check_job(master, validate)  # an interval: the basic sweeper refuses it itself
+            _check_job(master)  # an interval: the basic sweeper refuses it itself
             return []
         swept: dict[str, tuple[str, int]] = {}
         for o in every:  # as BasicSweeper.split_arguments: a later override of a key wins
@@ -173,7 +168,7 @@ def preflight(
         for job in BasicSweeper.split_arguments(every, None)[0]:
             cfg = _compose(hydra_args + (extra if named else []) + job, known)
             names.append(cfg.hydra.job.override_dirname)
-            _check_job(cfg, validate)
+            _check_job(cfg)
     if named and len(set(names)) == len(names) and all(map(SAFE_NAME.fullmatch, names)):
         return [*extra, "hydra.sweep.subdir=${hydra.job.override_dirname}"]
     return []
