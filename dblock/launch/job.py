@@ -25,6 +25,7 @@ from dblock.launch.wandb_setup import wandb_run_id
 from dblock.training import checkpoints, results
 from dblock.training.checkpoint_io import order_checkpoints
 from dblock.training.checkpoints import check_checkpoint, checkpoint_epoch
+from dblock.training.cluster import seed_everything
 from dblock.training.results import existing, resume_command
 from dblock.training.signals import SignalStop
 
@@ -75,9 +76,7 @@ class Job:
 def build(cfg: DictConfig, job: Job, ckpt_path: str | None = None):
     """Instantiate the datamodule, network, task, loggers, callbacks and trainer from ``cfg``
     (``ckpt_path``: the checkpoint the run starts from, which a wandb run continues)."""
-    import pytorch_lightning as pl
-
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    seed_everything(cfg.seed)
     datamodule = instantiate(cfg.dataset, _convert_="all")
     # generated data, or files that will be downloaded, need only a writable data_dir
     check_data_dir(datamodule.data_dir, datamodule.writes_data_dir())
@@ -156,8 +155,8 @@ def check_resume(cfg: DictConfig, job: Job, path: str, ckpt: dict) -> None:
     """A training resume continues a run of this folder, with epochs left to train.
 
     The checkpoint callbacks find their best checkpoint in this run's folder (never where the
-    checkpoint says: dblock.training.checkpoint_io.RunCheckpoint), so a checkpoint of another folder would test
-    a best checkpoint that is not there."""
+    checkpoint says: dblock.training.checkpoint_io.RunCheckpoint), so a checkpoint of another
+    folder would test a best checkpoint that is not there."""
     out_dir = job.out_dir
     file = Path(path)
     if out_dir.resolve() not in file.resolve().parents:

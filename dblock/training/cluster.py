@@ -15,6 +15,25 @@ from dblock.training.signals import SignalStop
 log = logging.getLogger(__name__)
 
 
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy, torch and the dataloader workers (Lightning's ``seed_everything``)."""
+    import pytorch_lightning as pl
+
+    pl.seed_everything(seed, workers=True, verbose=False)
+
+
+def is_rank_zero() -> bool:
+    """Is this the process that writes the run's files (rank 0, or the only one)?"""
+    from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+    return rank_zero_only.rank == 0
+
+
+def _environment(trainer):
+    """The trainer's cluster environment (Lightning keeps it on a private connector: a single
+    device strategy has none of its own)."""
+    return trainer._accelerator_connector.cluster_environment
+
 
 def watch_requeue(trainer, stop: SignalStop) -> None:
     """Under SLURM with auto-requeue (Lightning's ``SLURMEnvironment``, on by default), its
@@ -23,7 +42,7 @@ def watch_requeue(trainer, stop: SignalStop) -> None:
     from inside the signal handler, which cannot be resumed exactly."""
     from lightning_fabric.plugins.environments import SLURMEnvironment
 
-    env = trainer._accelerator_connector.cluster_environment
+    env = _environment(trainer)
     if isinstance(env, SLURMEnvironment) and env.auto_requeue and env.requeue_signal is not None:
         stop.watch_requeue(env.requeue_signal)
 

@@ -44,8 +44,8 @@ class SignalStop:
         self.signum: int | None = None
         self.requeue_signal: int | None = None
         self.quiet = False  # True: only record signals (the run's work is done)
-        # True: record and say so, nothing else; under DDP dblock.training.signals.StopTogether polls the
-        # signal and stops every process at the same batch boundary
+        # True: record and say so, nothing else; under DDP StopTogether (below) polls the signal
+        # and stops every process at the same batch boundary
         self.deferred = False
         self._previous: dict[int, object] = {}
 
