@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dblock.spike_stats import SpikeCounter, SpikeStats
 from tests.faults import TINY, run_cli
 
 LAYER_KEYS = ("firing_rate", "silent_frac")
+HOST_READS = {"_local_scalar_dense", "item", "is_nonzero", "nonzero", "equal", "allclose"}
 
 
 def test_counter_rate_and_silent_fraction():
@@ -150,3 +152,32 @@ def test_bad_raster_samples_is_one_error_line(tmp_path):
     assert proc.returncode == 2
     assert "error: callbacks.spike_stats.raster_samples must be >= 0" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+class Ops(TorchDispatchMode):
+    """Records the name of every ATen op run inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_counting_makes_no_host_sync():
+    """A step's hook only adds on the device: no op that reads a value back to the host
+    (``.item()``, ``bool(t)``, ``nonzero``), so a training step stays free of host syncs."""
+    stats = SpikeStats()
+    stats.counters = {"train": [SpikeCounter()]}
+    stats.raster = [None]
+    stats.stage = "train"
+    hook = stats._hook(0)
+    spikes = (torch.rand(6, 3, 4, generator=torch.Generator().manual_seed(1)) < 0.5).float()
+    hook(None, None, spikes)  # the first call allocates the counts
+    with Ops() as ops:
+        hook(None, None, spikes)
+        hook(None, None, spikes)
+    assert ops.names and not [n for n in ops.names if n.split(".")[0] in HOST_READS], ops.names
+    assert stats.counters["train"][0].counts.tolist() == (3 * spikes.sum((0, 1))).tolist()
