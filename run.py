@@ -334,9 +334,10 @@ def train_and_test(
 
 def orphan_dirs(datamodule) -> list[Path]:
     """Where killed writers may have left temp files: the data dir's dataset folders and the
-    run's folder and checkpoint folder (the cache cleans its own folder as it loads)."""
+    run's folder, checkpoint and raster folders (the cache cleans its own folder as it loads)."""
     out_dir = Path(HydraConfig.get().runtime.output_dir)
-    return [out_dir, out_dir / "checkpoints", *Path(datamodule.data_dir).glob("*/")]
+    runs = [out_dir, out_dir / "checkpoints", out_dir / "rasters"]
+    return [*runs, *Path(datamodule.data_dir).glob("*/")]
 
 
 def interrupted(
