@@ -63,7 +63,12 @@ COLUMNS = (
 KEY = COLUMNS[:10]
 D_VALUES = (5, 10, 15, 20, 25, 30)
 STEP_INPUTS = {scope: inp for inp, scope in STEP_SCOPES.items()}  # step scope -> input path
-GRIDS = {  # panel -> (mode, [(t_len, n_hidden)], n_in)
+# The one definition of the Fig. 3 grids (SPEC §7): panel -> (mode, [(t_len, n_hidden)], n_in),
+# each point timed for every d in D_VALUES at batch 128 (--batch). "full" is the paper's: 3a
+# feedforward and 3c recurrent over t = 32..2048 at n = 100; 3b feedforward and 3d recurrent over
+# n = 100..1000 at t = 512. Fig. 3 is a benchmark, not a training run: run.py has no fig3
+# experiment (`python run.py experiment=fig3a` answers with this script's command).
+GRIDS = {
     "full": {
         "a": ("feedforward", [(t, 100) for t in (32, 64, 128, 256, 512, 1024, 2048)], 1000),
         "b": ("feedforward", [(512, n) for n in range(100, 1001, 100)], 1000),

@@ -103,3 +103,74 @@ def save(fig, out: Path, table: str, title: str) -> tuple[Path, Path]:
     md.write_text(f"## {title}\n\n{table}")
     log.info("wrote %s and %s", png, md)
     return png, md
+
+
+def table_of(markdown: str) -> tuple[list[str], list[list[str]], str]:
+    """(columns, rows, the notes after the table) of a table written by ``markdown_table``."""
+    lines = markdown.strip().splitlines()
+    cells = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines]
+    rows = [c for line, c in zip(lines, cells, strict=True) if line.startswith("|")]
+    notes = "\n".join(line for line in lines if not line.startswith("|")).strip()
+    return rows[0], rows[2:], notes  # rows[1]: the |---| line
+
+
+def add_wandb_options(parser) -> None:
+    """``--wandb`` and its options, the same for every figure script."""
+    parser.add_argument(
+        "--wandb",
+        action="store_true",
+        help="also log each panel (image) and its table of ours vs paper to one wandb run, in\n"
+        "the group --wandb-group; offline unless you are logged in (files under --out/wandb;\n"
+        "upload with `wandb sync <out>/wandb/offline-run-*`)",
+    )
+    parser.add_argument("--wandb-project", default="dblock", help="wandb project (dblock)")
+    parser.add_argument("--wandb-group", default="figures", help="wandb group (figures)")
+    parser.add_argument("--wandb-offline", action="store_true", help="offline even if logged in")
+
+
+def wandb_offline() -> bool:
+    """Offline unless logged in: run.py's rule (WANDB_MODE, WANDB_API_KEY, netrc), one
+    definition; imported here only when a figure is logged."""
+    import sys
+
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from dblock.launch.wandb_setup import wandb_offline as offline
+
+    return offline()
+
+
+def log_to_wandb(panels: list[tuple[str, Path, str, str]], job_type: str, args) -> Path:
+    """One wandb run (group ``args.wandb_group``, job type ``job_type``) holding, per panel
+    ``(name, png, markdown table, title)``: ``<name>/panel`` (the image), ``<name>/table``
+    (the table's rows) and, in the summary, ``<name>/notes`` (the lines after the table).
+    Returns the run's folder."""
+    import wandb
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    offline = args.wandb_offline or wandb_offline()
+    run = wandb.init(
+        project=args.wandb_project,
+        group=args.wandb_group,
+        job_type=job_type,
+        dir=str(out),
+        mode="offline" if offline else "online",
+        config={k: v for k, v in vars(args).items() if not k.startswith("wandb")},
+        reinit="finish_previous",
+    )
+    try:
+        logged = {}
+        for name, png, table, title in panels:
+            columns, rows, notes = table_of(table)
+            logged[f"{name}/panel"] = wandb.Image(str(png), caption=title)
+            logged[f"{name}/table"] = wandb.Table(columns=columns, data=rows)
+            if notes:
+                run.summary[f"{name}/notes"] = notes
+        run.log(logged)  # one step: the panels side by side
+        folder = Path(run.dir).parent
+    finally:
+        run.finish()
+    log.info("logged %d panel(s) to wandb run %s (%s)", len(panels), run.id, folder)
+    return folder

@@ -2,6 +2,7 @@
 benchmark's CSV, beside the paper's values (SPEC §7).
 
     python experiments/plot_fig3.py outputs/bench_speed.csv --out outputs/figures
+    python experiments/plot_fig3.py outputs/bench_speed.csv --wandb   # also to one wandb run
 
 For every panel (a-d) and device in the CSV: speedup = standard time / d-block time at the same
 panel, mode, scope, t_len, n_hidden and device (the median over repeated rows), as a d x t
@@ -28,7 +29,7 @@ from matplotlib.colors import LogNorm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import paper_values as paper  # noqa: E402
-from figtools import markdown_table, save  # noqa: E402
+from figtools import add_wandb_options, log_to_wandb, markdown_table, save  # noqa: E402
 
 log = logging.getLogger("figures")
 COLUMNS = ("panel", "mode", "impl", "scope", "d", "t_len", "n_hidden", "device", "time_ms")
@@ -122,6 +123,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         choices=["layer", "neurons"],
         help="whole layer (paper) or neurons only",
     )
+    add_wandb_options(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     grids = speedups(read_csv(Path(args.csv)), args.scope)
@@ -129,15 +131,20 @@ def main(argv: list[str] | None = None) -> list[Path]:
         raise ValueError(
             f"{args.csv} has no d-block/standard pairs for panels a-d, scope {args.scope}"
         )
-    written = []
+    written, panels = [], []
     for (panel, device), grid in sorted(grids.items()):
         fig, table = heatmap(panel, device, grid, args.scope)
         suffix = "" if args.scope == "layer" else "_neurons"
         device = "".join(c if c.isalnum() else "_" for c in device)
         title = f"Fig. 3{panel}, {device}, {args.scope}"
-        written += save(fig, Path(args.out) / f"fig3{panel}_{device}{suffix}", table, title)
+        name = f"fig3{panel}_{device}{suffix}"
+        png, md = save(fig, Path(args.out) / name, table, title)
+        written += [png, md]
+        panels.append((name, png, table, title))
         plt.close(fig)
         print(f"### {title}\n\n{table}")
+    if args.wandb:
+        log_to_wandb(panels, "fig3", args)
     return written
 
 

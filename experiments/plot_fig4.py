@@ -2,6 +2,7 @@
 
     python experiments/plot_fig4.py a outputs/fig4/shd            # one panel
     python experiments/plot_fig4.py all outputs/fig4/shd --out outputs/figures
+    python experiments/plot_fig4.py all outputs/fig4/shd --wandb  # also to one wandb run
 
 Panels: a (accuracy vs d, feedforward and recurrent), b (d = 40, detached vs attached),
 c (d = 40, 1-3 layers), d (epoch-time speedup over the standard recurrent SNN) and e (hidden
@@ -27,7 +28,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import paper_values as paper  # noqa: E402
-from figtools import aggregate, fmt, load_results, markdown_table, paper_fmt, save  # noqa: E402
+from figtools import (  # noqa: E402
+    add_wandb_options,
+    aggregate,
+    fmt,
+    load_results,
+    log_to_wandb,
+    markdown_table,
+    paper_fmt,
+    save,
+)
 
 log = logging.getLogger("figures")
 PANELS = ("a", "b", "c", "d", "e")
@@ -235,10 +245,11 @@ def main(argv: list[str] | None = None) -> list[Path]:
         choices=sorted(paper.NAMES),
         help="compare with this dataset's paper values (default: the runs' own)",
     )
+    add_wandb_options(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     recs = load_results(args.runs)
-    written, skipped = [], []
+    written, skipped, panels = [], [], []
     for ds in sorted({r["dataset"] for r in recs}):
         mine = [r for r in recs if r["dataset"] == ds]
         ref_ds = args.paper or ds
@@ -255,11 +266,15 @@ def main(argv: list[str] | None = None) -> list[Path]:
             for note in notes:
                 log.warning("Fig. 4%s, %s: %s", panel, ds, note)
             head = fig.axes[0].get_title()
-            written += save(fig, Path(args.out) / f"fig4{panel}_{ds}", table, head)
+            png, md = save(fig, Path(args.out) / f"fig4{panel}_{ds}", table, head)
+            written += [png, md]
+            panels.append((f"fig4{panel}_{ds}", png, table, head))
             plt.close(fig)
             print(f"### {head}\n\n{table}")
     if not written:
         raise MissingRuns(f"no Fig. 4 panel has its runs under {', '.join(args.runs)}")
+    if args.wandb:
+        log_to_wandb(panels, "fig4", args)
     return written
 
 

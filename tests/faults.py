@@ -271,7 +271,7 @@ def fault(target: str, key: str = "fault", **params) -> list[str]:
 # --- run.py in a forked process -------------------------------------------------------------
 
 PRELOAD = ["torch", "pytorch_lightning", "hydra", "omegaconf", "h5py", "torchmetrics"]
-PRELOAD += ["dblock.task", "datamodules.bursts", "tests.faults"]
+PRELOAD += ["dblock.training.task", "datamodules.bursts", "tests.faults"]
 _context = None
 TIMEOUT = 600  # s, for one run
 

@@ -53,8 +53,8 @@ def test_every_panel_has_an_experiment():
     for panel in "abcde":
         for ds in ("nmnist", "shd", "ssc"):
             assert f"fig4{panel}_{ds}" in EXPERIMENTS
-    for panel in "abcd":
-        assert f"fig3{panel}" in EXPERIMENTS
+    # Fig. 3 is a speed benchmark: its grids live in experiments/bench_speed.py, not here
+    assert not [e for e in EXPERIMENTS if e.startswith("fig3")]
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -140,28 +140,52 @@ def test_readme_small_fig4_try_is_small(tmp_path):
     assert {j["seed"] for j in jobs} == {"0"}
 
 
-@pytest.mark.parametrize("name", ["fig3a", "fig3b", "fig3c", "fig3d"])
-def test_fig3_grids(tmp_path, name):
-    bench = composed(tmp_path, [f"experiment={name}"]).bench
-    assert bench.panel == name[-1] and list(bench.d) == [5, 10, 15, 20, 25, 30]
-    assert bench.mode == ("feedforward" if name[-1] in "ab" else "recurrent")
-    if name[-1] in "ac":
-        assert list(bench.t_len) == [32 * 2**i for i in range(7)] and list(bench.n_hidden) == [100]
+@pytest.mark.parametrize("panel", ["a", "b", "c", "d"])
+def test_fig3_grids(panel):
+    from experiments.bench_speed import D_VALUES, GRIDS
+
+    mode, shapes, n_in = GRIDS["full"][panel]
+    assert list(D_VALUES) == [5, 10, 15, 20, 25, 30] and n_in == 1000
+    assert mode == ("feedforward" if panel in "ab" else "recurrent")
+    t_lens, sizes = sorted({t for t, _ in shapes}), sorted({n for _, n in shapes})
+    if panel in "ac":
+        assert t_lens == [32 * 2**i for i in range(7)] and sizes == [100]
     else:
-        assert list(bench.t_len) == [512] and list(bench.n_hidden) == list(range(100, 1001, 100))
+        assert t_lens == [512] and sizes == list(range(100, 1001, 100))
     from dblock.models import SNNClassifier
 
     net = SNNClassifier(
-        n_in=bench.n_in,
-        n_hidden=max(bench.n_hidden),
+        n_in=n_in,
+        n_hidden=max(sizes),
         n_layers=1,
         n_classes=2,
         model="dblock",
-        d=max(bench.d),
-        t_len=min(bench.t_len),
-        recurrent=bench.mode == "recurrent",
+        d=max(D_VALUES),
+        t_len=min(t_lens),
+        recurrent=mode == "recurrent",
     )
     assert net.readout.d == 30
+
+
+def test_fig3_grids_defined_once():
+    """One definition of each Fig. 3 grid: bench_speed.GRIDS; no config file repeats one."""
+    for path in (ROOT / "conf").rglob("*.yaml"):
+        text = path.read_text()
+        assert "bench:" not in text and "2048" not in text, path
+
+
+@pytest.mark.parametrize("args", [["experiment=fig3a"], ["-m", "experiment=fig4a_shd,fig3c"]])
+def test_fig3_experiment_points_to_the_benchmark(tmp_path, args):
+    proc = run_cli([*TINY, *args, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    panel = [a for a in args if "fig3" in a][0].split("fig3")[1]
+    assert proc.stderr.strip().splitlines() == [
+        f"error: experiment=fig3{panel} is not a training run: Fig. 3 is a speed benchmark. Run "
+        f"`python experiments/bench_speed.py --panels {panel} --grid full` (add --device cuda on "
+        "a GPU; grids in experiments/bench_speed.py), then `python experiments/plot_fig3.py "
+        "outputs/bench_speed.csv`"
+    ]
+    assert not (tmp_path / "run").exists()
 
 
 def test_launcher_and_search_configs(tmp_path):

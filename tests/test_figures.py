@@ -201,8 +201,8 @@ def test_fig4_paper_of_another_dataset_is_named(tmp_path):
     assert "| attached | 72.0 ± 2.0 (n=3) | 73.4 |" in md
 
 
-def test_fig3_heatmaps(tmp_path):
-    path = tmp_path / "speed.csv"
+def write_speed_csv(path: Path) -> Path:
+    """A benchmark CSV: panels a and d, d-block 10 d ms vs standard 100 ms (speedup 10 / d)."""
     cols = [
         "panel",
         "mode",
@@ -241,6 +241,11 @@ def test_fig3_heatmaps(tmp_path):
         writer = csv.DictWriter(f, cols)
         writer.writeheader()
         writer.writerows(rows)
+    return path
+
+
+def test_fig3_heatmaps(tmp_path):
+    path = write_speed_csv(tmp_path / "speed.csv")
     out = tmp_path / "figs"
     plot("plot_fig3.py", str(path), "--out", str(out))
     for name in ("fig3a_cpu", "fig3d_cpu"):
@@ -272,3 +277,39 @@ def test_aggregate_mean_sd_in_numeric_order():
     assert list(out) == [5, 10, 40]
     assert out[5][0] == 3.0 and abs(out[5][1] - 2**0.5) < 1e-12 and out[5][2] == 2
     assert out[40] == (1.0, 0.0, 1)
+
+
+def wandb_tables(run: Path) -> dict[str, dict]:
+    """{panel name: the logged table (columns, data)} of an offline wandb run folder."""
+    tables = (run / "files" / "media" / "table").glob("*/table_*.table.json")
+    return {p.parent.name: json.loads(p.read_text()) for p in tables}
+
+
+def test_figures_logged_to_one_offline_wandb_run(tmp_path, monkeypatch):
+    """--wandb: each panel's image and its table of ours vs paper, in one run grouped
+    "figures", offline with no account (no key, no netrc) and no network."""
+    for var in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "figs"
+    speed = write_speed_csv(tmp_path / "speed.csv")
+    plot("plot_fig3.py", str(speed), "--out", str(out), "--wandb")
+    plot("plot_fig4.py", "all", str(write_sweep(tmp_path / "shd")), "--out", str(out), "--wandb")
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2  # one run per script call
+    fig3, fig4 = (wandb_tables(r) for r in runs)
+    assert set(fig3) == {"fig3a_cpu", "fig3d_cpu"}
+    assert set(fig4) == {f"fig4{p}_shd" for p in "abcde"}
+    for tables in (fig3, fig4):
+        for name, table in tables.items():  # the same rows as the .md table beside the PNG
+            md = (out / f"{name}.md").read_text()
+            lines = [f"| {' | '.join(row)} |" for row in [table["columns"], *table["data"]]]
+            assert all(line in md for line in lines) and len(table["data"]) >= 2, name
+    assert ["5", "2.00 (1.6)", "2.00 (21)"] in fig3["fig3a_cpu"]["data"]
+    assert ["attached", "72.0 ± 2.0 (n=3)", "73.4"] in fig4["fig4b_shd"]["data"]
+    for run, tables in zip(runs, (fig3, fig4), strict=True):
+        images = {p.parent.name for p in (run / "files" / "media" / "images").glob("*/panel_*.png")}
+        assert images == set(tables)
+        record = next(run.glob("*.wandb")).read_bytes()
+        assert b"figures" in record  # the group

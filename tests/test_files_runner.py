@@ -1,5 +1,5 @@
-"""dblock.runner and the safe writers, in process: atomic files, full disks, leftovers, the
-run-dir lock, signals, checkpoint checks, the cache checksum."""
+"""Checkpoint loading and checks, signals, results.json and the safe writers, in process: atomic
+files, full disks, leftovers, the run-dir lock, signals, checkpoint checks, the cache checksum."""
 
 from __future__ import annotations
 

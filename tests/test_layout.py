@@ -9,6 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from datamodules.bursts import BurstsDataModule
 from dblock.models import SNNClassifier
+from dblock.training.spike_stats import SpikeStats
 from dblock.training.task import SNNTask
 
 COPIES = {
@@ -104,7 +105,7 @@ def test_training_step_makes_no_transposing_copy(tmp_path, model, recurrent, det
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[watch],
+        callbacks=[watch, SpikeStats()],  # the per-layer statistics' hooks run in the step too
     )
     trainer.fit(SNNTask(net, n_classes=10), datamodule=dm)
     assert mode.ops > 50  # the steps ran inside the watch

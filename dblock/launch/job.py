@@ -273,8 +273,9 @@ def resume_path(cfg: DictConfig) -> str | None:
 
 def orphan_dirs(datamodule, job: Job) -> list[Path]:
     """Where killed writers may have left temp files: the data dir's dataset folders and the
-    run's folder and checkpoint folder (the cache cleans its own folder as it loads)."""
-    return [job.out_dir, job.out_dir / "checkpoints", *Path(datamodule.data_dir).glob("*/")]
+    run's folder, checkpoint and raster folders (the cache cleans its own folder as it loads)."""
+    runs = [job.out_dir, job.out_dir / "checkpoints", job.out_dir / "rasters"]
+    return [*runs, *Path(datamodule.data_dir).glob("*/")]
 
 
 def interrupted(

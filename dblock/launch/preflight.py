@@ -45,10 +45,23 @@ def check_choices(argv: list[str]) -> None:
         )
         options = sorted(p.stem for p in (CONF / group).glob("*.yaml"))
         for value in values:
+            if group == "experiment" and re.fullmatch(r"fig3[a-d]", str(value)):
+                raise ConfigError(fig3_is_a_benchmark(value))
             if isinstance(value, str) and value not in options and value != "null":
                 raise ConfigError(
                     f"{group}={value} is unknown; choose one of: {', '.join(options)}"
                 )
+
+
+def fig3_is_a_benchmark(panel: str) -> str:
+    """What to run instead of ``experiment=fig3<x>``: Fig. 3 is a speed benchmark, its grids
+    defined once in experiments/bench_speed.py (``GRIDS``)."""
+    return (
+        f"experiment={panel} is not a training run: Fig. 3 is a speed benchmark. Run "
+        f"`python experiments/bench_speed.py --panels {panel[-1]} --grid full` (add --device "
+        "cuda on a GPU; grids in experiments/bench_speed.py), then `python "
+        "experiments/plot_fig3.py outputs/bench_speed.csv`"
+    )
 
 
 def _key_of(line: str) -> str:
