@@ -1,7 +1,7 @@
 """What the cache checksum costs: the cached load of an SHD-sized store, checked vs unchecked.
 
-    python experiments/bench_cache.py                 # SHD train: 8156 samples, 40.6 M events
-    python experiments/bench_cache.py --rounds 15 --events 4000000
+    python -m experiments.bench_cache                 # SHD train: 8156 samples, 40.6 M events
+    python -m experiments.bench_cache --rounds 15 --events 4000000
 
 ``load_store`` compares the CRC-32 values in the entry's meta record with those of the zip
 directory (np.load verifies every member's bytes against the latter as it reads them). The

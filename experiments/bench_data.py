@@ -14,8 +14,8 @@ times, vlen uint16 units), then, in one run on one machine:
   device uses by default (``dataset.input=auto``), estimated from a few batches and extrapolated
   to the epoch's batch count.
 
-    python experiments/bench_data.py
-    python experiments/bench_data.py --samples 64 --mean-events 300   # a smoke run
+    python -m experiments.bench_data
+    python -m experiments.bench_data --samples 64 --mean-events 300   # a smoke run
 """
 
 from __future__ import annotations
@@ -23,15 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datamodules.hdf5 import write_h5  # noqa: E402
 from datamodules.tonic_datasets import SHDDataModule  # noqa: E402

@@ -20,8 +20,8 @@ of the GPU's kernel. Rows are appended to a CSV as each point finishes; rows alr
 skipped (resumable). glibc's allocator is tuned as ``run.py`` tunes it (``dblock/runtime.py``)
 unless ``--default-malloc``.
 
-    python experiments/bench_speed.py --grid full --out outputs/bench_speed.csv
-    python experiments/bench_speed.py --panels shd --d 10 --rounds 7 --out outputs/shd.csv
+    python -m experiments.bench_speed --grid full --out outputs/bench_speed.csv
+    python -m experiments.bench_speed --panels shd --d 10 --rounds 7 --out outputs/shd.csv
 """
 
 from __future__ import annotations
@@ -40,8 +40,6 @@ from functools import partial
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments.bench_impls import (  # noqa: E402
     DBLOCK_KERNELS,

@@ -1,6 +1,6 @@
 """Ratios from the speed benchmark's CSV, as markdown tables.
 
-    python experiments/bench_summary.py outputs/bench_speed_cpu.csv
+    python -m experiments.bench_summary outputs/bench_speed_cpu.csv
 
 For every (panel, mode, t_len, n_hidden, device): the d-block layer over the floor, the speedup
 of the d-block over dblock's standard layer (whole layer and neurons only: standard time /

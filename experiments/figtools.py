@@ -131,11 +131,6 @@ def add_wandb_options(parser) -> None:
 def wandb_offline() -> bool:
     """Offline unless logged in: run.py's rule (WANDB_MODE, WANDB_API_KEY, netrc), one
     definition; imported here only when a figure is logged."""
-    import sys
-
-    root = str(Path(__file__).resolve().parents[1])
-    if root not in sys.path:
-        sys.path.insert(0, root)
     from dblock.launch.wandb_setup import wandb_offline as offline
 
     return offline()

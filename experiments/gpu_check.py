@@ -1,8 +1,8 @@
 """One-shot GPU check: correctness, training and the speed targets on one CUDA device.
 
-    python experiments/gpu_check.py                       # on a machine with a GPU, < 6 minutes
-    python experiments/gpu_check.py --quick               # fewer points and runs, < 3 minutes
-    python experiments/gpu_check.py --device cpu --reduced --out /tmp/check   # smoke run
+    python -m experiments.gpu_check                       # on a machine with a GPU, < 6 minutes
+    python -m experiments.gpu_check --quick               # fewer points and runs, < 3 minutes
+    python -m experiments.gpu_check --device cpu --reduced --out /tmp/check   # smoke run
 
 Before anything else it names, in one line, every package it needs that this Python lacks (the
 project's dependencies and pytest; a GPU node often has torch, Lightning and torchmetrics only),
@@ -100,8 +100,6 @@ from torch import nn  # noqa: E402
 from torch.optim import Adam  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 from dblock.files import atomic_write  # noqa: E402
 from dblock.models import SNNClassifier  # noqa: E402
 from experiments.bench_impls import PEERS, build, train_step, warmed_up  # noqa: E402

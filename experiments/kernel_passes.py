@@ -6,9 +6,9 @@ alone on the same input), over ``T B N 4``; also the layer's bytes over the floo
 time over the floor's (process time, median of ``--rounds``). ``--kernel-file`` counts another
 version of ``dblock/functional/block_chunked.py`` (e.g. one from ``git show``) in its place.
 
-    python experiments/kernel_passes.py --points shd --ops
+    python -m experiments.kernel_passes --points shd --ops
     git show main:dblock/functional/block_chunked.py > /tmp/old.py
-    python experiments/kernel_passes.py --kernel-file /tmp/old.py
+    python -m experiments.kernel_passes --kernel-file /tmp/old.py
 """
 
 from __future__ import annotations
@@ -16,16 +16,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import statistics
-import sys
 import time
 from functools import partial
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dblock.functional import block  # noqa: E402
+from dblock.functional.blocks import neurons as block  # noqa: E402
 from experiments.bench_impls import build, run_once  # noqa: E402
 from experiments.bench_speed import poisson_input  # noqa: E402
 from experiments.dispatch_count import count_call  # noqa: E402

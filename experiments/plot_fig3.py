@@ -1,8 +1,8 @@
 """Fig. 3 heatmaps (training speedup of a d-block layer over the standard layer) from the speed
 benchmark's CSV, beside the paper's values (SPEC §7).
 
-    python experiments/plot_fig3.py outputs/bench_speed.csv --out outputs/figures
-    python experiments/plot_fig3.py outputs/bench_speed.csv --wandb   # also to one wandb run
+    python -m experiments.plot_fig3 outputs/bench_speed.csv --out outputs/figures
+    python -m experiments.plot_fig3 outputs/bench_speed.csv --wandb   # also to one wandb run
 
 For every panel (a-d) and device in the CSV: speedup = standard time / d-block time at the same
 panel, mode, scope, t_len, n_hidden and device (the median over repeated rows), as a d x t
@@ -27,9 +27,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import paper_values as paper  # noqa: E402
-from figtools import add_wandb_options, log_to_wandb, markdown_table, save  # noqa: E402
+from experiments import paper_values as paper  # noqa: E402
+from experiments.figtools import add_wandb_options, log_to_wandb, markdown_table, save  # noqa: E402
 
 log = logging.getLogger("figures")
 COLUMNS = ("panel", "mode", "impl", "scope", "d", "t_len", "n_hidden", "device", "time_ms")

@@ -1,8 +1,8 @@
 """Fig. 4 from a sweep folder's results.json files, beside the paper's values (SPEC §7).
 
-    python experiments/plot_fig4.py a outputs/fig4/shd            # one panel
-    python experiments/plot_fig4.py all outputs/fig4/shd --out outputs/figures
-    python experiments/plot_fig4.py all outputs/fig4/shd --wandb  # also to one wandb run
+    python -m experiments.plot_fig4 a outputs/fig4/shd            # one panel
+    python -m experiments.plot_fig4 all outputs/fig4/shd --out outputs/figures
+    python -m experiments.plot_fig4 all outputs/fig4/shd --wandb  # also to one wandb run
 
 Panels: a (accuracy vs d, feedforward and recurrent), b (d = 40, detached vs attached),
 c (d = 40, 1-3 layers), d (epoch-time speedup over the standard recurrent SNN) and e (hidden
@@ -26,9 +26,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import paper_values as paper  # noqa: E402
-from figtools import (  # noqa: E402
+from experiments import paper_values as paper  # noqa: E402
+from experiments.figtools import (  # noqa: E402
     add_wandb_options,
     aggregate,
     fmt,

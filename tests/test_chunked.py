@@ -11,7 +11,6 @@ from dblock import functional as F
 from dblock.errors import ConfigError
 from dblock.functional import reference as R
 from dblock.functional.blocks.chunked import SINGLE, chunk_plan
-from dblock.launch.config import check_config
 from dblock.nn import DBlockLayer
 from experiments.bench_impls import build
 from experiments.bench_speed import count_launching_ops, poisson_input, run_once
@@ -80,6 +79,7 @@ def test_bad_kernel_settings_are_clear_errors(kw, message):
 )
 def test_config_rejects_bad_kernel(tmp_path, override, message):
     # imported here: the file is collected on GPU nodes without Hydra (experiments/gpu_check.py)
+    from dblock.launch.config import check_config
     from tests.test_reliability import composed
 
     check_config(composed(tmp_path, "model.kernel=chunked", "model.chunk=8"))

@@ -584,12 +584,8 @@ def test_ssc_bad_split_name_is_listed(ssc_dir, monkeypatch):
 
 def test_bench_data_smoke(tmp_path):
     """The benchmark script runs end to end on a tiny dataset and reports its ratios."""
-    import importlib.util
+    from experiments import bench_data as bench
 
-    path = ROOT / "experiments" / "bench_data.py"
-    spec = importlib.util.spec_from_file_location("bench_data", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     res = bench.main(["--samples", "24", "--mean-events", "100", "--batch", "8", "--t-len", "50",
                       "--model-batches", "1", "--device", "cpu", "--dir", str(tmp_path)])
     assert res["samples"] == 24 and res["events"] > 0

@@ -181,8 +181,8 @@ def test_fig3_experiment_points_to_the_benchmark(tmp_path, args):
     panel = [a for a in args if "fig3" in a][0].split("fig3")[1]
     assert proc.stderr.strip().splitlines() == [
         f"error: experiment=fig3{panel} is not a training run: Fig. 3 is a speed benchmark. Run "
-        f"`python experiments/bench_speed.py --panels {panel} --grid full` (add --device cuda on "
-        "a GPU; grids in experiments/bench_speed.py), then `python experiments/plot_fig3.py "
+        f"`python -m experiments.bench_speed --panels {panel} --grid full` (add --device cuda on "
+        "a GPU; grids in experiments/bench_speed.py), then `python -m experiments.plot_fig3 "
         "outputs/bench_speed.csv`"
     ]
     assert not (tmp_path / "run").exists()
@@ -263,7 +263,7 @@ def test_two_job_sweep_one_wandb_run_per_job_and_plot(tmp_path):
     proc = subprocess.run(
         [
             sys.executable,
-            str(ROOT / "experiments" / "plot_fig4.py"),
+            "-m", "experiments.plot_fig4",
             "b",
             str(sweep),
             "--out",

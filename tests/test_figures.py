@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))  # the figure scripts and their figtools
 SEEDS = (0, 1, 2)
 ACC = {0: 0.70, 1: 0.72, 2: 0.74}  # per seed: mean 72.0, s.d. 2.0
 
@@ -71,7 +70,7 @@ def sweep(tmp_path) -> Path:
 
 def plot(script: str, *args: str) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "experiments" / script), *args],
+        [sys.executable, "-m", f"experiments.{Path(script).stem}", *args],
         capture_output=True,
         text=True,
         timeout=300,
@@ -115,7 +114,7 @@ def test_fig4_without_standard_runs_is_a_clear_error(sweep, tmp_path):
     proc = subprocess.run(
         [
             sys.executable,
-            str(ROOT / "experiments" / "plot_fig4.py"),
+            "-m", "experiments.plot_fig4",
             "e",
             str(sweep),
             "--out",
@@ -129,7 +128,7 @@ def test_fig4_without_standard_runs_is_a_clear_error(sweep, tmp_path):
 
 def fig4():
     """experiments/plot_fig4.py as a module (in-process: no interpreter start per test)."""
-    import plot_fig4
+    from experiments import plot_fig4
 
     return plot_fig4
 
@@ -261,7 +260,7 @@ def test_fig3_bad_csv_is_a_clear_error(tmp_path):
     path = tmp_path / "bad.csv"
     path.write_text("panel,mode\na,feedforward\n")
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "experiments" / "plot_fig3.py"), str(path)],
+        [sys.executable, "-m", "experiments.plot_fig3", str(path)],
         capture_output=True,
         text=True,
     )
@@ -270,7 +269,7 @@ def test_fig3_bad_csv_is_a_clear_error(tmp_path):
 
 
 def test_aggregate_mean_sd_in_numeric_order():
-    from figtools import aggregate
+    from experiments.figtools import aggregate
 
     recs = [{"d": d, "v": v} for d, v in ((40, 1.0), (5, 2.0), (5, 4.0), (10, 3.0))]
     out = aggregate(recs, lambda r: r["d"], lambda r: r["v"])

@@ -79,9 +79,9 @@ def test_gpu_check_without_a_gpu_is_a_clear_error(capsys):
 
 def test_a_node_without_the_packages_is_told_all_of_them_in_one_line(tmp_path):
     code = """
-sys.argv = ["experiments/gpu_check.py", "--out", sys.argv[1]]
+sys.argv = ["gpu_check", "--out", sys.argv[1]]
 try:
-    runpy.run_path("experiments/gpu_check.py", run_name="__main__")
+    runpy.run_module("experiments.gpu_check", run_name="__main__", alter_sys=True)
 finally:
     print("torch imported" if "torch" in sys.modules else "nothing imported")
 """

@@ -58,9 +58,9 @@ def fig3_is_a_benchmark(panel: str) -> str:
     defined once in experiments/bench_speed.py (``GRIDS``)."""
     return (
         f"experiment={panel} is not a training run: Fig. 3 is a speed benchmark. Run "
-        f"`python experiments/bench_speed.py --panels {panel[-1]} --grid full` (add --device "
-        "cuda on a GPU; grids in experiments/bench_speed.py), then `python "
-        "experiments/plot_fig3.py outputs/bench_speed.csv`"
+        f"`python -m experiments.bench_speed --panels {panel[-1]} --grid full` (add --device "
+        "cuda on a GPU; grids in experiments/bench_speed.py), then `python -m "
+        "experiments.plot_fig3 outputs/bench_speed.csv`"
     )
 
 
