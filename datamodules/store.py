@@ -31,7 +31,7 @@ class EventStore:
     """Events of one split: sample ``i`` owns ``units/bins/repeats[offsets[i]:offsets[i+1]]``.
 
     Each sample's entries are sorted by (bin, unit) and unique; ``repeats`` counts the events of
-    the sample at that (bin, unit) (SPEC §6: a repeated (unit, bin) adds up). Built without
+    the sample at that (bin, unit) (docs/model.md §6: a repeated (unit, bin) adds up). Built without
     ``repeats`` (raw events, one per entry, in any order), the store puts itself in that form.
     """
 
@@ -178,7 +178,7 @@ def canonical_events(
 
 
 def bin_events(times: np.ndarray, dt_ms: float, t_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """SPEC §6 binning of times in seconds: ``round(t * 1000 / dt)``; returns (bins, keep).
+    """docs/model.md §6 binning of times in seconds: ``round(t * 1000 / dt)``; returns (bins, keep).
 
     Times are converted to float64 first, so float16 files (as SHD stores them) cannot overflow.
     """

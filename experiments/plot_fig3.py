@@ -1,5 +1,5 @@
 """Fig. 3 heatmaps (training speedup of a d-block layer over the standard layer) from the speed
-benchmark's CSV, beside the paper's values (SPEC §7).
+benchmark's CSV, beside the paper's values (docs/model.md §7).
 
     python -m experiments.plot_fig3 outputs/bench_speed.csv --out outputs/figures
     python -m experiments.plot_fig3 outputs/bench_speed.csv --wandb   # also to one wandb run

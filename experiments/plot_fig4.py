@@ -1,4 +1,4 @@
-"""Fig. 4 from a sweep folder's results.json files, beside the paper's values (SPEC §7).
+"""Fig. 4 from a sweep folder's results.json files, beside the paper's values (docs/model.md §7).
 
     python -m experiments.plot_fig4 a outputs/fig4/shd            # one panel
     python -m experiments.plot_fig4 all outputs/fig4/shd --out outputs/figures

@@ -92,7 +92,7 @@ def test_experiment_composes_with_its_real_dataset(tmp_path, name):
     assert cfg.model.n_in == cfg.dataset.n_in
 
 
-SWEEPS = {  # panel -> the grid its sweep must cover (SPEC §7)
+SWEEPS = {  # panel -> the grid its sweep must cover (docs/model.md §7)
     "fig4a": {"d": "1,10,20,30,40", "recurrent": "false,true", "seed": "0,1,2"},
     "fig4b": {"detach_recurrent": "true,false", "seed": "0,1,2"},
     "fig4c": {"layers": "1,2,3", "seed": "0,1,2"},

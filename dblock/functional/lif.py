@@ -1,4 +1,4 @@
-"""The standard (multi-spike) LIF neuron with reset by subtraction (SPEC §2)."""
+"""The standard (multi-spike) LIF neuron with reset by subtraction (docs/model.md §2)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def lif_neurons(
     recurrent_bias: Tensor | None = None,
     scale: float = 10.0,
 ) -> Tensor:
-    """Standard LIF spikes, sequential over time (SPEC §2).
+    """Standard LIF spikes, sequential over time (docs/model.md §2).
 
     ``V_0 = I_0``; ``V_t = beta (V_{t-1} - S_{t-1}) + I_t [+ sg(S_{t-1}) W_rec^T + b_rec]``;
     ``S_t = H(V_t - 1)`` with the fast-sigmoid surrogate. The gradient flows through the reset.

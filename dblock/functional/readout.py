@@ -1,4 +1,4 @@
-"""Non-spiking leaky readout (SPEC §4)."""
+"""Non-spiking leaky readout (docs/model.md §4)."""
 
 from __future__ import annotations
 

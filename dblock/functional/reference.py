@@ -1,4 +1,4 @@
-"""Plain step-by-step loops written straight from SPEC §2-4: the ground truth for tests.
+"""Plain step-by-step loops written straight from docs/model.md §2-4: the ground truth for tests.
 
 No vectorisation and no tricks; slow on purpose. Autograd runs through these loops, so their
 gradients are the reference gradients too. Tensors are time-major, (T, B, N), as in the fast
@@ -23,7 +23,7 @@ def dblock_neurons(
     detach_recurrent: bool = True,
     scale: float = 10.0,
 ) -> Tensor:
-    """SPEC §3 simulated one step at a time. (T, B, N) -> (T, B, N).
+    """docs/model.md §3 simulated one step at a time. (T, B, N) -> (T, B, N).
 
     Args:
         current: input current, time-major (T, B, N).
@@ -75,7 +75,7 @@ def lif_neurons(
     recurrent_bias: Tensor | None = None,
     scale: float = 10.0,
 ) -> Tensor:
-    """SPEC §2 one step at a time. (T, B, N) -> (T, B, N).
+    """docs/model.md §2 one step at a time. (T, B, N) -> (T, B, N).
 
     Args:
         current: input current, time-major (T, B, N).
@@ -106,7 +106,7 @@ def lif_neurons(
 def leaky_readout(
     current: Tensor, beta: Tensor, d: int | None = None, reduce: str = "sum"
 ) -> Tensor:
-    """SPEC §4 one step at a time. (T, B, C) -> logits (B, C).
+    """docs/model.md §4 one step at a time. (T, B, C) -> logits (B, C).
 
     Args:
         current: readout current, time-major (T, B, C).

@@ -24,7 +24,7 @@ class FastSigmoidSpike(torch.autograd.Function):
 
 
 def fast_sigmoid(x: Tensor, scale: float = 10.0) -> Tensor:
-    """Spike ``H(x)`` with the fast-sigmoid surrogate gradient (SPEC §1). Any shape.
+    """Spike ``H(x)`` with the fast-sigmoid surrogate gradient (docs/model.md §1). Any shape.
 
     Args:
         x: the membrane minus the threshold, any shape.

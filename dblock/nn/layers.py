@@ -112,7 +112,7 @@ class Projection(nn.Linear):
 
 
 class DBlockLayer(nn.Module):
-    """A hidden layer of d-block neurons (SPEC §3). (T, B, n_in) -> spikes (T, B, n_out).
+    """A hidden layer of d-block neurons (docs/model.md §3). (T, B, n_in) -> spikes (T, B, n_out).
 
     The T time steps are split into ``d`` blocks (the last one takes the remainder); inside a
     block each neuron fires at most once and its membrane is computed for all steps at once, so
@@ -192,7 +192,7 @@ class DBlockLayer(nn.Module):
 
 
 class LIFLayer(nn.Module):
-    """A hidden layer of standard LIF neurons (SPEC §2). (T, B, n_in) -> spikes (T, B, n_out).
+    """A hidden layer of standard LIF neurons (docs/model.md §2). (T, B, n_in) -> spikes (T, B, n_out).
 
     ``V_t = beta (V_{t-1} - S_{t-1}) + W x_t + b [+ W_rec S_{t-1} + b_rec]``, ``S_t = H(V_t -
     1)``: reset by subtraction, several spikes per neuron allowed, T sequential steps.
@@ -230,7 +230,7 @@ class LIFLayer(nn.Module):
         self.scale = scale
         self.projection = Projection(n_in, n_out)
         self.beta = Decay(n_out, beta_init)
-        self.recurrent = nn.Linear(n_out, n_out) if recurrent else None  # default init (SPEC §2)
+        self.recurrent = nn.Linear(n_out, n_out) if recurrent else None  # default init (docs/model.md §2)
 
     def forward(self, x: Tensor) -> Tensor:
         """Spikes (T, B, n_out) of the input ``x`` (T, B, n_in)."""
@@ -242,7 +242,7 @@ class LIFLayer(nn.Module):
 
 
 class LeakyReadout(nn.Module):
-    """Non-spiking leaky readout (SPEC §4). (T, B, n_in) spikes -> logits (B, n_classes).
+    """Non-spiking leaky readout (docs/model.md §4). (T, B, n_in) spikes -> logits (B, n_classes).
 
     ``U_t = beta U_{t-1} + W S_t + b``; the logits are ``sum_t U_t`` (``reduce="sum"``) or
     ``max_t U_t`` (``"max"``).

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 class PaperRecipe(RunCheckpoint):
-    """The paper's training recipe (SPEC §5) on top of Lightning's checkpointing.
+    """The paper's training recipe (docs/model.md §5) on top of Lightning's checkpointing.
 
     Keeps the checkpoint with the lowest ``monitor`` (training loss by default) as
     ``<dirpath>/best-train-loss.ckpt``. At the start of every milestone epoch (the epochs where

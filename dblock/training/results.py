@@ -67,7 +67,7 @@ def one_line(summary: dict, out_dir: str, trained: bool = True) -> str:
     net = f"{summary['model']}{d} layers={summary['layers']}"
     if not summary["recurrent"]:
         net += " feedforward"
-    elif summary["model"] == "dblock":  # the standard SNN always detaches (SPEC §2)
+    elif summary["model"] == "dblock":  # the standard SNN always detaches (docs/model.md §2)
         net += f" recurrent detach_recurrent={str(summary['detach_recurrent']).lower()}"
     else:
         net += " recurrent"

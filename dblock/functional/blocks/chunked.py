@@ -1,6 +1,6 @@
 """The d-block kernel in constant sequential depth: decay Toeplitz matmuls on two levels of chunks.
 
-Inside a block the no-reset membrane is a causal decay filter (SPEC §3 step 2),
+Inside a block the no-reset membrane is a causal decay filter (docs/model.md §3 step 2),
 ``U_tau = sum_{j <= tau} beta^(tau - j) J_j``: a matmul with the per-neuron decay Toeplitz. A
 block of at most ``SINGLE`` = 64 steps is one chunk (one (L, L) Toeplitz). A longer one would make
 the Toeplitz too large (N L^2 values, 1.6 GB at L = 2048, N = 100), so it is cut into M chunks of
@@ -18,7 +18,7 @@ Memory for the matrices is N (c^2 + M^2), about 2 N L; every power comes from on
 product (``decay_powers``), so beta = 0 and beta = 1 are exact. Spikes keep the first crossing of
 each block: the step of the first ``U > 1`` is an ``argmax`` over the crossings (the first of the
 maxima), and one comparison of the steps with it writes the time-major spikes. The backward pass
-is written by hand (SPEC §3 step 5):
+is written by hand (docs/model.md §3 step 5):
 
 - straight-through first spike: ``dL/dC_j = sum_{tau >= j} (tau - j + 1) dL/dS_tau`` within the
   block: a matmul with the ramp ``H[j, tau] = tau - j + 1`` (tau >= j), the same for every neuron,

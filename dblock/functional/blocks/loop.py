@@ -4,7 +4,7 @@ Inside a block the no-reset membrane is a linear recurrence restarted at the blo
 is run step by step over the block (vectorised over all blocks of equal length, the batch and
 the neurons): the Python loop has ``L`` iterations, not ``T``, and the work is ``O(T)``, not the
 ``O(T L)`` of a Toeplitz matrix. Spikes keep the first crossing of each block. The backward pass
-is written by hand (SPEC §3 step 5):
+is written by hand (docs/model.md §3 step 5):
 
 - straight-through first spike: ``dL/dC_j = sum_{tau >= j} (tau - j + 1) dL/dS_tau`` within the
   block, i.e. two reverse running sums;

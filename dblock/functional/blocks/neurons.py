@@ -1,4 +1,4 @@
-"""The d-block neuron (SPEC §3): membrane without reset inside a block, first spike only.
+"""The d-block neuron (docs/model.md §3): membrane without reset inside a block, first spike only.
 
 All blocks of a feedforward layer are computed at once; a recurrent layer loops over blocks
 (never over time steps). Tensors are time-major, (T, B, N), at the interface and inside. Two
@@ -87,7 +87,7 @@ def dblock_neurons(
     kernel: str = "auto",
     chunk: int | None = None,
 ) -> Tensor:
-    """d-block spikes (SPEC §3).
+    """d-block spikes (docs/model.md §3).
 
     Args:
         current: input current ``W x + b``, time-major (T, B, N).
