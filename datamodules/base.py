@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from datamodules.batches import INPUTS, BatchBuffers
+from datamodules.batches import BatchBuffers, check_input_format
 from datamodules.cache import cached_store
 from datamodules.checks import DataError, check_dropped
 from datamodules.store import EventStore
@@ -167,9 +167,7 @@ class EventDataModule(pl.LightningDataModule):
         input: str = "auto",
     ) -> None:
         super().__init__()
-        if input not in INPUTS:
-            choices = ", ".join(INPUTS)
-            raise ValueError(f"dataset.input={input!r} is unknown; choose one of: {choices}")
+        check_input_format(input)
         self.input = input
         positive_int("dataset.batch_size", batch_size)
         boolean("dataset.cache", cache)

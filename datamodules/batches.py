@@ -20,6 +20,12 @@ from torch import Tensor
 INPUTS = ("auto", "dense", "sparse")  # dataset.input: the batch format (datamodules/base.py)
 
 
+def check_input_format(value) -> None:
+    """Raise ``ValueError`` naming ``dataset.input`` unless ``value`` is a batch format."""
+    if value not in INPUTS:
+        raise ValueError(f"dataset.input={value!r} is unknown; choose one of: {', '.join(INPUTS)}")
+
+
 class EventStore(Protocol):
     """What a batch is built from: ``datamodules.store.EventStore`` (named here as a protocol,
     so that this module, which the store calls, does not import it back)."""

@@ -112,7 +112,8 @@ class BurstsDataModule(EventDataModule):
         self.data_seed = data_seed
 
     def path(self, split: str) -> Path:
-        """The file of ``split``, named by its generator's settings (docs/model.md §6: SHD layout)."""
+        """The file of ``split`` (SHD layout, docs/model.md §6), named by its generator's
+        settings."""
         return self.data_dir / "BURSTS" / f"bursts_{split}-{self._params(split)[:12]}.h5"
 
     def source(self, split: str) -> str:

@@ -1,5 +1,5 @@
-"""Fig. 3 speed benchmark (docs/model.md §7): fwd+bwd of one hidden layer, d-block vs standard vs peers,
-and a whole training step at the SHD shape.
+"""Fig. 3 speed benchmark (docs/model.md §7): fwd+bwd of one hidden layer, d-block vs standard vs
+peers, and a whole training step at the SHD shape.
 
 One hidden layer (projection + neurons, no readout) on Poisson input (1000 units, per-sample rate
 ~ U(0, 200) Hz, 1 ms steps), batch 128. For each grid point it times, side by side and in
@@ -61,7 +61,8 @@ COLUMNS = (
 KEY = COLUMNS[:10]
 D_VALUES = (5, 10, 15, 20, 25, 30)
 STEP_INPUTS = {scope: inp for inp, scope in STEP_SCOPES.items()}  # step scope -> input path
-# The one definition of the Fig. 3 grids (docs/model.md §7): panel -> (mode, [(t_len, n_hidden)], n_in),
+# The one definition of the Fig. 3 grids (docs/model.md §7):
+# panel -> (mode, [(t_len, n_hidden)], n_in),
 # each point timed for every d in D_VALUES at batch 128 (--batch). "full" is the paper's: 3a
 # feedforward and 3c recurrent over t = 32..2048 at n = 100; 3b feedforward and 3d recurrent over
 # n = 100..1000 at t = 512. Fig. 3 is a benchmark, not a training run: run.py has no fig3

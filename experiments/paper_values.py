@@ -1,4 +1,5 @@
-"""The paper's numbers (docs/model.md §7), read off the published figures: what our figures compare with.
+"""The paper's numbers (docs/model.md §7), read off the published figures: what our figures
+compare with.
 
 Keys are dblock's dataset config names (``nmnist``, ``shd``, ``ssc``); d-indexed values use
 D_VALUES. ``None`` marks a value the paper does not give as a number.

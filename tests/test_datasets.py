@@ -31,7 +31,7 @@ def from_config(name: str, data_dir: Path, *overrides: str):
 
 
 def hand_dense(times, units, n_in, t_len, dt_ms, scale=1000.0):
-    """Dense time-major counts (T, B, n_in) by a plain loop over events: docs/model.md §6 binning."""
+    """Dense time-major counts (T, B, n_in) by a plain loop over events (docs/model.md §6)."""
     out = torch.zeros(t_len, len(times), n_in)
     for i, (ts, us) in enumerate(zip(times, units, strict=True)):
         for t, u in zip(ts, us, strict=True):

@@ -1,4 +1,5 @@
-"""Fast kernels against the step-by-step reference (docs/model.md §2-4), and the model's invariants."""
+"""Fast kernels against the step-by-step reference (docs/model.md §2-4), and the model's
+invariants."""
 
 from __future__ import annotations
 

@@ -15,9 +15,10 @@ has it, never through ``torch.get_float32_matmul_precision``, which raises once 
 used the per-backend API ("mix of the legacy and new APIs").
 
 Everything else (the input, recurrent and readout projections) follows the process setting,
-float32 by default (docs/model.md §5). ``matmul_precision="high"`` (``task.matmul_precision``) lets CUDA run
-those float32 matmuls in TF32 on GPUs that have it (Ampere and later): a numerics choice, about
-3 decimal digits per product instead of 7, for faster projections; the membrane stays IEEE.
+float32 by default (docs/model.md §5). ``matmul_precision="high"`` (``task.matmul_precision``)
+lets CUDA run those float32 matmuls in TF32 on GPUs that have it (Ampere and later): a numerics
+choice, about 3 decimal digits per product instead of 7, for faster projections; the membrane
+stays IEEE.
 """
 
 from __future__ import annotations

@@ -22,8 +22,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from datamodules.batches import INPUTS
+from datamodules.batches import check_input_format
 from dblock.errors import ConfigError, first_line
+from dblock.functional import check_d, check_kernel
 from dblock.functional.blocks.neurons import KERNELS
 from dblock.models.classifier import MODELS
 from dblock.training.checkpoints import missing_checkpoint
@@ -191,26 +192,29 @@ def check_config(cfg: Mapping) -> None:
     _int_at_least("n_hidden", model.get("n_hidden"), 1)
     t_len = (cfg.get("dataset") or {}).get("t_len")
     _int_at_least("dataset.t_len", t_len, 1)
-    if name == "dblock":
+    if name == "dblock":  # the rules are the kernels' own (check_d, check_kernel), named here
         d = model.get("d")
-        if not is_int(d) or not 1 <= d <= t_len:
+        try:
+            check_d(d, t_len)
+        except ValueError:
             raise ConfigError(
                 f"d={d!r} is not allowed: d must be an integer in 1..T, and T={t_len} "
                 f"(dataset.t_len); choose d in 1..{t_len}"
-            )
+            ) from None
         kernel = model.get("kernel", "auto")
-        if kernel not in KERNELS:
+        try:
+            check_kernel(kernel)
+        except ValueError:
             raise ConfigError(
                 f"model.kernel={kernel!r} is unknown; choose one of: {', '.join(KERNELS)}"
-            )
+            ) from None
         if model.get("chunk") is not None:
             _int_at_least("model.chunk", model.get("chunk"), 1)
     _int_at_least("dataset.batch_size", (cfg.get("dataset") or {}).get("batch_size"), 1)
-    batch_input = (cfg.get("dataset") or {}).get("input", "auto")
-    if batch_input not in INPUTS:
-        raise ConfigError(
-            f"dataset.input={batch_input!r} is unknown; choose one of: {', '.join(INPUTS)}"
-        )
+    try:
+        check_input_format((cfg.get("dataset") or {}).get("input", "auto"))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     trainer = cfg.get("trainer") or {}
     epochs = trainer.get("max_epochs")
     if epochs in (None, -1) and trainer.get("max_time") is None:

@@ -47,7 +47,8 @@ class SNNClassifier(nn.Module):
         n_hidden: neurons per hidden layer.
         n_layers: number of hidden layers (>= 1).
         n_classes: number of classes.
-        model: ``"dblock"`` (``DBlockLayer``, docs/model.md §3) or ``"standard"`` (``LIFLayer``, §2).
+        model: ``"dblock"`` (``DBlockLayer``, docs/model.md §3) or ``"standard"``
+            (``LIFLayer``, §2).
         d: number of blocks of the d-block model, ``1 <= d <= T`` (ignored by ``standard``).
         recurrent: recurrent hidden layers (else feedforward).
         detach_recurrent: stop the gradient through the d-block layers' fed-back spikes.

@@ -192,7 +192,7 @@ class DBlockLayer(nn.Module):
 
 
 class LIFLayer(nn.Module):
-    """A hidden layer of standard LIF neurons (docs/model.md §2). (T, B, n_in) -> spikes (T, B, n_out).
+    """A hidden layer of standard LIF neurons (docs/model.md §2): (T, B, n_in) -> (T, B, n_out).
 
     ``V_t = beta (V_{t-1} - S_{t-1}) + W x_t + b [+ W_rec S_{t-1} + b_rec]``, ``S_t = H(V_t -
     1)``: reset by subtraction, several spikes per neuron allowed, T sequential steps.
@@ -230,7 +230,8 @@ class LIFLayer(nn.Module):
         self.scale = scale
         self.projection = Projection(n_in, n_out)
         self.beta = Decay(n_out, beta_init)
-        self.recurrent = nn.Linear(n_out, n_out) if recurrent else None  # default init (docs/model.md §2)
+        # nn.Linear's default init (docs/model.md §2)
+        self.recurrent = nn.Linear(n_out, n_out) if recurrent else None
 
     def forward(self, x: Tensor) -> Tensor:
         """Spikes (T, B, n_out) of the input ``x`` (T, B, n_in)."""
