@@ -226,7 +226,11 @@ def test_parallel_joblib_sweep_jobs_read_their_own_data_and_label_their_lines(tm
         val = re.search(r"^bursts val: (\d+) samples", own, re.M)
         assert train and val and int(train[1]) + int(val[1]) == n, own
         assert re.search(r"^epoch 1/1: ", own, re.M) and re.search(r"^dblock d=10", own, re.M)
-    # job lines are all labelled (Hydra's own launcher lines are the sweep's, not a job's)
-    unlabelled = [line for line in lines if not line.startswith("[")]
-    assert all(line.startswith("[") or "Launching" in line or "#" in line
-               for line in unlabelled), unlabelled
+    # job lines are all labelled; the rest is the sweep's own: Hydra's launcher lines, the sweep
+    # summary printed once at its end, and joblib's shutdown note about its memory-map folders
+    summary = lines.index(next(line for line in lines if line.startswith("sweep summary (")))
+    unlabelled = [line for line in lines[:summary] if not line.startswith("[")]
+    assert all("Launching" in line or "#" in line or "resource_tracker" in line
+               or "joblib" in line for line in unlabelled), unlabelled
+    assert all(line.startswith(("|", "->", "[", "sweep")) or "joblib" in line
+               or "resource_tracker" in line for line in lines[summary:]), lines[summary:]

@@ -212,7 +212,7 @@ def test_predict_on_a_data_file_without_labels(reference, tmp_path):
 
     ckpt = reference / "checkpoints" / "last.ckpt"
     split = predict(ckpt, "test", overrides={"batch_size": 32})
-    source = reference.parent / "data" / "BURSTS" / "bursts_test.h5"
+    (source,) = (reference.parent / "data" / "BURSTS").glob("bursts_test-*.h5")
     copy = tmp_path / "recordings.h5"
     copy.write_bytes(source.read_bytes())
     with h5py.File(copy, "a") as f:
