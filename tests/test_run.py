@@ -16,7 +16,7 @@ from pytorch_lightning.callbacks import TQDMProgressBar
 
 from dblock.errors import ConfigError
 from dblock.launch import preflight as early
-from dblock.launch.config import accepted_keywords
+from dblock.launch.config_keys import accepted_keywords
 from dblock.training.progress import EpochLines, progress_bar
 from dblock.training.results import one_line
 from tests.faults import TINY, fault, run_cli, run_env

@@ -17,7 +17,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from dblock.errors import ConfigError, first_line
-from dblock.launch.config import CONF, check_keys, known_keys, validate
+from dblock.launch.config import validate
+from dblock.launch.config_keys import CONF, check_keys, known_keys
 
 MULTIRUN_FLAGS = ("-m", "--multirun")
 SAFE_NAME = re.compile(r"[A-Za-z0-9+][A-Za-z0-9._,=+-]{0,199}")  # no /, no spaces, no quotes
