@@ -11,13 +11,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from datamodules.checks import (  # noqa: F401  (DataError: re-exported, imported from here)
-    NUMBER,
+from datamodules.checks import (
     REFETCH,
     DataError,
-    check_events,
-    check_labels,
-    flatten,
     path_status,
     time_hint,
 )

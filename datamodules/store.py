@@ -12,15 +12,12 @@ import torch
 from torch import Tensor
 
 from datamodules.batches import BatchBuffers, dense_batch, sparse_batch
-from datamodules.checks import (  # noqa: F401  (DataError: re-exported, imported from here)
+from datamodules.checks import (
     NUMBER,
-    REFETCH,
     DataError,
     check_events,
     check_labels,
     flatten,
-    path_status,
-    time_hint,
 )
 
 CHUNK_EVENTS = 1 << 24  # events sorted at once when a store is put in order (bounds memory)

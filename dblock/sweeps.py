@@ -35,22 +35,12 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
-class KeepSweepConfigs:
-    """Keep one ``multirun*.yaml`` per sweep in a shared sweep folder."""
+class SweepCallback:
+    """The hooks Hydra calls on a callback, each doing nothing: a callback overrides its own."""
 
     def on_multirun_start(self, config, **kwargs) -> None:
-        path = Path(str(config.hydra.sweep.dir)) / "multirun.yaml"
-        if not path.is_file():
-            return
-        stamp = time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(path.stat().st_mtime))
-        target, n = path.with_name(f"multirun-{stamp}.yaml"), 1
-        while target.exists():
-            n += 1
-            target = path.with_name(f"multirun-{stamp}-{n}.yaml")
-        os.replace(path, target)
-        log.info("kept the previous sweep's config as %s", target)
+        pass
 
-    # the other hooks Hydra calls: nothing to do
     def on_multirun_end(self, config, **kwargs) -> None:
         pass
 
@@ -65,6 +55,23 @@ class KeepSweepConfigs:
 
     def on_job_end(self, config, job_return, **kwargs) -> None:
         pass
+
+
+class KeepSweepConfigs(SweepCallback):
+    """Keep one ``multirun*.yaml`` per sweep in a shared sweep folder."""
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        path = Path(str(config.hydra.sweep.dir)) / "multirun.yaml"
+        if not path.is_file():
+            return
+        stamp = time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(path.stat().st_mtime))
+        target, n = path.with_name(f"multirun-{stamp}.yaml"), 1
+        while target.exists():
+            n += 1
+            target = path.with_name(f"multirun-{stamp}-{n}.yaml")
+        os.replace(path, target)
+        log.info("kept the previous sweep's config as %s", target)
+
 
 
 # --- the summary of a sweep -----------------------------------------------------------------
@@ -407,7 +414,7 @@ def log_to_wandb(sweep: str | Path, project: str, group: str, offline: bool) -> 
     return run_id
 
 
-class SweepSummary:
+class SweepSummary(SweepCallback):
     """At the end of a ``-m`` sweep: write and print its summary; with ``logger=wandb`` also log
     it to a summary run of the sweep's group."""
 
@@ -429,20 +436,6 @@ class SweepSummary:
         except Exception as err:  # the sweep's results stand
             log.warning("the sweep summary was not logged to wandb: %s", err)
 
-    def on_multirun_start(self, config, **kwargs) -> None:
-        pass
-
-    def on_run_start(self, config, **kwargs) -> None:
-        pass
-
-    def on_run_end(self, config, **kwargs) -> None:
-        pass
-
-    def on_job_start(self, config, **kwargs) -> None:
-        pass
-
-    def on_job_end(self, config, job_return, **kwargs) -> None:
-        pass
 
 
 def main(argv: list[str] | None = None) -> int:
