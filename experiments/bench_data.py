@@ -27,41 +27,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from datamodules.hdf5 import write_h5  # noqa: E402
-from datamodules.tonic_datasets import SHDDataModule  # noqa: E402
-from experiments.bench_impls import endless, parse_with_malloc, train_step  # noqa: E402
-
-N_IN, N_CLASSES = 700, 20
-SHD_EVENTS = 5000.0  # mean events per sample at the SHD size (700 inputs, T 500 at 2 ms)
-
-
-def generate_shd_like(
-    path: Path,
-    n: int,
-    mean_events: float,
-    seed: int,
-    n_in: int = N_IN,
-    n_classes: int = N_CLASSES,
-) -> int:
-    """Write ``n`` SHD-like samples to ``path``; returns the number of events written.
-
-    Each sample: a gamma-distributed number of events (mean ``mean_events``) at uniform times over
-    0.6-1.3 s (so some fall beyond T at 2 ms bins and are dropped), on units drawn around the
-    middle of ``n_in`` channels; a random label of ``n_classes``.
-    """
-    rng = np.random.default_rng(seed)
-    times, units = [], []
-    for _ in range(n):
-        k = max(1, int(rng.gamma(4.0, mean_events / 4.0)))
-        duration = rng.uniform(0.6, 1.3)  # some events beyond 1 s are dropped at T = 500
-        times.append(np.sort(rng.uniform(0.0, duration, k)))
-        spread = rng.normal(n_in / 2, 150 * n_in / N_IN, k)  # SHD's 700 units: 350 +- 150
-        units.append(np.clip(spread, 0, n_in - 1).astype(np.int64))
-    write_h5(path, times, units, rng.integers(0, n_classes, n), speakers=rng.integers(0, 10, n))
-    return int(sum(len(t) for t in times))
+from datamodules.tonic_datasets import SHDDataModule
+from experiments.bench_impls import endless, parse_with_malloc, train_step
+from experiments.points import N_CLASSES, N_IN, SHD_EVENTS, generate_shd_like
 
 
 def sync(device: torch.device) -> None:

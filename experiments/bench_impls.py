@@ -1,6 +1,8 @@
 """The implementations the speed benchmark times: dblock's layers, the paper-style loop, peers;
 and what the benchmark scripts share: the units of work (one fwd+bwd, one training step), the
-skipping of a runner that cannot run, the allocator option.
+skipping of a runner that cannot run, the allocator option, and the measures of one call (time
+in interleaved rounds, peak memory, launching ops and bytes moved). Not a script; what is timed
+on (grids, inputs, data) is in ``experiments/points.py``.
 
 Each builder returns a callable that runs one forward pass and returns a tensor whose ``sum()``
 is backpropagated, or raises ``Unavailable`` with the reason (a peer library not installed).
@@ -15,8 +17,11 @@ import argparse
 import itertools
 import logging
 import math
+import statistics
+import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +30,7 @@ from torch.nn.functional import cross_entropy
 from dblock import functional as F
 from dblock.nn.layers import HIDDEN_BETA, DBlockLayer, LIFLayer, Projection
 from dblock.runtime import tune_allocator
+from experiments.dispatch_count import count_call
 
 log = logging.getLogger(__name__)
 PEERS = ("snntorch", "norse", "norse_compiled", "spikingjelly")
@@ -114,6 +120,66 @@ def train_step(
 def endless(dm) -> Iterator[dict]:
     """The datamodule's training batches, as its loader yields them, epoch after epoch."""
     return (b for _ in itertools.count() for b in dm.train_dataloader())
+
+
+def peak_memory_mb(go: Callable[[], None], device: str) -> float:
+    """Peak memory allocated above the starting level during one call of ``go``, in MB.
+
+    CUDA: ``torch.cuda.max_memory_allocated``. CPU: the running sum, in time order, of the net
+    allocations each operator makes and the frees the profiler records (``profile_memory``).
+    """
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        go()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        go()
+    events = sorted(
+        (e.time_range.start, e.self_cpu_memory_usage)
+        for e in prof.events()
+        if e.self_cpu_memory_usage
+    )
+    level = peak = 0
+    for _, delta in events:
+        level += delta
+        peak = max(peak, level)
+    return peak / 2**20
+
+
+def dispatch_counts(go: Callable[[], None]) -> tuple[int, int]:
+    """(launching ops, bytes moved) of one call of ``go``, counted at dispatch level
+    (``experiments/dispatch_count.py``). Call after a warm-up."""
+    count = count_call(go)
+    return count.ops, count.bytes
+
+
+def count_launching_ops(fn, arg: torch.Tensor, params: list[torch.Tensor]) -> tuple[int, int]:
+    """(launching ops, bytes moved) of one forward + backward of ``fn(arg).sum()``."""
+    return dispatch_counts(partial(run_once, fn, arg, params))
+
+
+def interleaved_medians(calls: dict, rounds: int, device: str, clock: str = "wall") -> dict:
+    """Median seconds of each call, timed in interleaved rounds (one call of each per round)."""
+    timer = time.process_time if clock == "cpu" else time.perf_counter
+    times = {key: [] for key in calls}
+    for _ in range(rounds):
+        for key, call in calls.items():
+            sync(device)
+            start = timer()
+            call()
+            sync(device)
+            times[key].append(timer() - start)
+    return {key: statistics.median(t) for key, t in times.items()}
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 class PaperStyleLayer(nn.Module):

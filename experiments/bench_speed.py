@@ -7,11 +7,11 @@ interleaved rounds (median reported): the floor (``nn.Linear`` alone on the cont
 time-major input), dblock's d-block layer for each d, dblock's standard layer, the paper-style
 (B, N, T)-indexed standard loop, and the peers that are installed (``pip install -e
 ".[bench]"``). Scopes: whole layer (x -> spikes), neurons only (current -> spikes), and, at the
-SHD point, the whole training step (``experiments/bench_step.py``: the batch build by the SHD
-datamodule, the floor on that batch, then model + loss + Adam for d-block and standard; with
-dense batches as scope ``step`` and sparse ones, through the event-driven projection, as scope
-``step_sparse``). Also
-the peak memory of one call, and what one call launches and moves, counted at dispatch level
+SHD point, the whole training step (``StepPoint`` in ``experiments/points.py``: the batch build
+by the SHD datamodule, the floor on that batch, then model + loss + Adam for d-block and
+standard; with dense batches as scope ``step`` and sparse ones, through the event-driven
+projection, as scope ``step_sparse``). Also the peak memory of one call, and what one call
+launches and moves, counted at dispatch level
 (``experiments/dispatch_count.py``): ``launching_ops`` (ops that launch a kernel, a proxy for GPU
 launches) and ``bytes_moved`` (their inputs' and outputs' bytes, a proxy for a GPU's memory
 traffic); ``dblock`` runs the kernel ``auto`` picks for the device, ``dblock_loop`` /
@@ -30,10 +30,8 @@ import argparse
 import csv
 import logging
 import os
-import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from functools import partial
@@ -41,17 +39,19 @@ from pathlib import Path
 
 import torch
 
-from experiments.bench_impls import (  # noqa: E402
+from experiments.bench_impls import (
     DBLOCK_KERNELS,
     PEERS,
     build,
+    dispatch_counts,
+    interleaved_medians,
     parse_with_malloc,
+    peak_memory_mb,
     run_once,
     warmed_up,
 )
-from experiments.bench_step import INPUTS, StepPoint  # noqa: E402
-from experiments.bench_step import SCOPES as STEP_SCOPES  # noqa: E402
-from experiments.dispatch_count import count_call  # noqa: E402
+from experiments.points import D_VALUES, GRIDS, INPUTS, StepPoint, poisson_input
+from experiments.points import SCOPES as STEP_SCOPES
 
 log = logging.getLogger("bench_speed")
 COLUMNS = (
@@ -59,86 +59,7 @@ COLUMNS = (
     "launching_ops,bytes_moved"
 ).split(",")
 KEY = COLUMNS[:10]
-D_VALUES = (5, 10, 15, 20, 25, 30)
 STEP_INPUTS = {scope: inp for inp, scope in STEP_SCOPES.items()}  # step scope -> input path
-# The one definition of the Fig. 3 grids (docs/model.md §7):
-# panel -> (mode, [(t_len, n_hidden)], n_in),
-# each point timed for every d in D_VALUES at batch 128 (--batch). "full" is the paper's: 3a
-# feedforward and 3c recurrent over t = 32..2048 at n = 100; 3b feedforward and 3d recurrent over
-# n = 100..1000 at t = 512. Fig. 3 is a benchmark, not a training run: run.py has no fig3
-# experiment (`python run.py experiment=fig3a` answers with this script's command).
-GRIDS = {
-    "full": {
-        "a": ("feedforward", [(t, 100) for t in (32, 64, 128, 256, 512, 1024, 2048)], 1000),
-        "b": ("feedforward", [(512, n) for n in range(100, 1001, 100)], 1000),
-        "c": ("recurrent", [(t, 100) for t in (32, 64, 128, 256, 512, 1024, 2048)], 1000),
-        "d": ("recurrent", [(512, n) for n in range(100, 1001, 100)], 1000),
-        "shd": (None, [(500, 128)], 700),
-    },
-    "reduced": {  # a CPU-sized subset: the SHD point, three t of panels a/c, one n of b/d
-        "a": ("feedforward", [(t, 100) for t in (128, 512, 2048)], 1000),
-        "b": ("feedforward", [(512, 200)], 1000),
-        "c": ("recurrent", [(t, 100) for t in (128, 512, 2048)], 1000),
-        "d": ("recurrent", [(512, 200)], 1000),
-        "shd": (None, [(500, 128)], 700),
-    },
-    "quick": {
-        "a": ("feedforward", [(16, 8), (32, 8)], 20),
-        "c": ("recurrent", [(32, 8)], 20),
-        "shd": (None, [(20, 6)], 12),
-    },
-}
-
-
-def poisson_input(batch: int, n_in: int, t_len: int, device: str, seed: int = 0) -> torch.Tensor:
-    """Spikes (T, B, n_in), contiguous: each sample fires at a rate ~ U(0, 200) Hz, 1 ms steps."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    rate = torch.rand(1, batch, 1, generator=g) * 200.0
-    x = (torch.rand(t_len, batch, n_in, generator=g) < rate * 1e-3).float()
-    return x.to(device)
-
-
-def peak_memory_mb(go: Callable[[], None], device: str) -> float:
-    """Peak memory allocated above the starting level during one call of ``go``, in MB.
-
-    CUDA: ``torch.cuda.max_memory_allocated``. CPU: the running sum, in time order, of the net
-    allocations each operator makes and the frees the profiler records (``profile_memory``).
-    """
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        go()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        go()
-    events = sorted(
-        (e.time_range.start, e.self_cpu_memory_usage)
-        for e in prof.events()
-        if e.self_cpu_memory_usage
-    )
-    level = peak = 0
-    for _, delta in events:
-        level += delta
-        peak = max(peak, level)
-    return peak / 2**20
-
-
-def dispatch_counts(go: Callable[[], None]) -> tuple[int, int]:
-    """(launching ops, bytes moved) of one call of ``go``, counted at dispatch level
-    (``experiments/dispatch_count.py``). Call after a warm-up."""
-    count = count_call(go)
-    return count.ops, count.bytes
-
-
-def count_launching_ops(fn, arg: torch.Tensor, params: list[torch.Tensor]) -> tuple[int, int]:
-    """(launching ops, bytes moved) of one forward + backward of ``fn(arg).sum()``."""
-    return dispatch_counts(partial(run_once, fn, arg, params))
-
-
 def point_cases(args, mode: str, n_in: int, n: int, t_len: int, panel: str) -> list[tuple]:
     """(impl, scope, d) triples to time at one grid point. The step scope (a whole training step
     on batches from the real datamodule) exists at the SHD point only; its cases start with the
@@ -217,25 +138,6 @@ def measure_point(
             base + [impl, scope, d or ""] + key_tail + [f"{ms:.3f}", f"{mem:.2f}", ops, moved]
         )
     return rows
-
-
-def interleaved_medians(calls: dict, rounds: int, device: str, clock: str = "wall") -> dict:
-    """Median seconds of each call, timed in interleaved rounds (one call of each per round)."""
-    timer = time.process_time if clock == "cpu" else time.perf_counter
-    times = {key: [] for key in calls}
-    for _ in range(rounds):
-        for key, call in calls.items():
-            sync(device)
-            start = timer()
-            call()
-            sync(device)
-            times[key].append(timer() - start)
-    return {key: statistics.median(t) for key, t in times.items()}
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def read_done(path: Path) -> set:

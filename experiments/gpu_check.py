@@ -102,15 +102,18 @@ from torch.optim import Adam  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 from dblock.files import atomic_write  # noqa: E402
 from dblock.models import SNNClassifier  # noqa: E402
-from experiments.bench_impls import PEERS, build, train_step, warmed_up  # noqa: E402
-from experiments.bench_speed import (  # noqa: E402
+from experiments.bench_impls import (  # noqa: E402
+    PEERS,
+    build,
     dispatch_counts,
     interleaved_medians,
-    poisson_input,
     run_once,
+    train_step,
+    warmed_up,
 )
 from experiments.figtools import markdown_table  # noqa: E402
 from experiments.paper_values import FIG3A  # noqa: E402
+from experiments.points import poisson_input  # noqa: E402
 
 log = logging.getLogger("gpu_check")
 COLUMNS = [

@@ -22,9 +22,9 @@ from functools import partial
 import torch
 
 from dblock.functional.blocks import neurons as block  # noqa: E402
-from experiments.bench_impls import build, run_once  # noqa: E402
-from experiments.bench_speed import poisson_input  # noqa: E402
-from experiments.dispatch_count import count_call  # noqa: E402
+from experiments.bench_impls import build, run_once
+from experiments.dispatch_count import count_call
+from experiments.points import poisson_input
 
 POINTS = {  # name -> (T, d, n_in, n): the SHD layer and the Fig. 3 points gpu_check times
     "shd": [(500, 10, 700, 128)],

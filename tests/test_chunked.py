@@ -12,8 +12,8 @@ from dblock.errors import ConfigError
 from dblock.functional import reference as R
 from dblock.functional.blocks.chunked import SINGLE, chunk_plan
 from dblock.nn import DBlockLayer
-from experiments.bench_impls import build
-from experiments.bench_speed import count_launching_ops, poisson_input, run_once
+from experiments.bench_impls import build, count_launching_ops, run_once
+from experiments.points import poisson_input
 from tests.conftest import DEVICE
 from tests.test_kernels import check, make
 

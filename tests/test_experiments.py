@@ -53,7 +53,7 @@ def test_every_panel_has_an_experiment():
     for panel in "abcde":
         for ds in ("nmnist", "shd", "ssc"):
             assert f"fig4{panel}_{ds}" in EXPERIMENTS
-    # Fig. 3 is a speed benchmark: its grids live in experiments/bench_speed.py, not here
+    # Fig. 3 is a speed benchmark: its grids live in experiments/points.py, not here
     assert not [e for e in EXPERIMENTS if e.startswith("fig3")]
 
 
@@ -142,7 +142,7 @@ def test_readme_small_fig4_try_is_small(tmp_path):
 
 @pytest.mark.parametrize("panel", ["a", "b", "c", "d"])
 def test_fig3_grids(panel):
-    from experiments.bench_speed import D_VALUES, GRIDS
+    from experiments.points import D_VALUES, GRIDS
 
     mode, shapes, n_in = GRIDS["full"][panel]
     assert list(D_VALUES) == [5, 10, 15, 20, 25, 30] and n_in == 1000
@@ -168,7 +168,7 @@ def test_fig3_grids(panel):
 
 
 def test_fig3_grids_defined_once():
-    """One definition of each Fig. 3 grid: bench_speed.GRIDS; no config file repeats one."""
+    """One definition of each Fig. 3 grid: experiments.points.GRIDS; no config file repeats one."""
     for path in (ROOT / "conf").rglob("*.yaml"):
         text = path.read_text()
         assert "bench:" not in text and "2048" not in text, path
@@ -182,7 +182,7 @@ def test_fig3_experiment_points_to_the_benchmark(tmp_path, args):
     assert proc.stderr.strip().splitlines() == [
         f"error: experiment=fig3{panel} is not a training run: Fig. 3 is a speed benchmark. Run "
         f"`python -m experiments.bench_speed --panels {panel} --grid full` (add --device cuda on "
-        "a GPU; grids in experiments/bench_speed.py), then `python -m experiments.plot_fig3 "
+        "a GPU; grids in experiments/points.py), then `python -m experiments.plot_fig3 "
         "outputs/bench_speed.csv`"
     ]
     assert not (tmp_path / "run").exists()

@@ -112,3 +112,40 @@ def test_the_circle_check_can_fail(monkeypatch, tmp_path):
     monkeypatch.setitem(MODULES, "experiments.y", tmp_path / "y.py")
     with pytest.raises(AssertionError, match="import circle"):
         test_no_import_circle()
+
+
+def is_script(path: Path) -> bool:
+    """Whether the module at ``path`` has an ``if __name__ == "__main__":`` block."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Compare):
+            sides = [node.test.left, *node.test.comparators]
+            names = {s.id for s in sides if isinstance(s, ast.Name)}
+            values = {s.value for s in sides if isinstance(s, ast.Constant)}
+            if "__name__" in names and "__main__" in values:
+                return True
+    return False
+
+
+def test_experiments_import_no_script():
+    """experiments/ is scripts on top of shared modules: no module of it imports another that
+    is a script (has a ``__main__`` block), so a script never runs as another's library."""
+    found = [
+        f"{name} imports {m}"
+        for name, path in sorted(MODULES.items())
+        if within(name, ("experiments",))
+        for m in sorted(imports(path))
+        if within(m, ("experiments",)) and m in MODULES and m != name and is_script(MODULES[m])
+    ]
+    assert not found, "; ".join(found)
+
+
+def test_the_script_check_can_fail(monkeypatch, tmp_path):
+    """A planted module that imports a planted script is found."""
+    script = 'def main():\n    pass\n\n\nif __name__ == "__main__":\n    main()\n'
+    (tmp_path / "s.py").write_text(script)
+    (tmp_path / "u.py").write_text("from experiments.s import main\n")
+    monkeypatch.setitem(MODULES, "experiments.s", tmp_path / "s.py")
+    monkeypatch.setitem(MODULES, "experiments.u", tmp_path / "u.py")
+    assert is_script(tmp_path / "s.py") and not is_script(tmp_path / "u.py")
+    with pytest.raises(AssertionError, match="experiments.u imports experiments.s"):
+        test_experiments_import_no_script()

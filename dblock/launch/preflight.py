@@ -56,11 +56,11 @@ def check_choices(argv: list[str]) -> None:
 
 def fig3_is_a_benchmark(panel: str) -> str:
     """What to run instead of ``experiment=fig3<x>``: Fig. 3 is a speed benchmark, its grids
-    defined once in experiments/bench_speed.py (``GRIDS``)."""
+    defined once in experiments/points.py (``GRIDS``)."""
     return (
         f"experiment={panel} is not a training run: Fig. 3 is a speed benchmark. Run "
         f"`python -m experiments.bench_speed --panels {panel[-1]} --grid full` (add --device "
-        "cuda on a GPU; grids in experiments/bench_speed.py), then `python -m "
+        "cuda on a GPU; grids in experiments/points.py), then `python -m "
         "experiments.plot_fig3 outputs/bench_speed.csv`"
     )
 
