@@ -10,8 +10,8 @@
 
 ``i`` counts hidden layers from 1. The counts stay on the model's device: each forward adds one
 (n_neurons,) reduction per layer in place, without any host sync; they are read once per epoch
-(under DDP, per process: the loggers get rank 0's shard). With ``raster_samples=k > 0`` the
-first k samples of the first validation batch are kept and drawn at the end of validation as
+(under DDP each process counts its shard and the logged values are their mean). With
+``raster_samples=k > 0`` the first k samples of the first validation batch are kept and drawn at the end of validation as
 one image (rows: layers; columns: samples; time across, neurons up), written atomically to
 ``<dirpath>/val_epoch<E>.png`` (``E`` as in metrics.csv's ``epoch`` column) and logged as the
 image ``val/raster`` to every wandb logger.
@@ -134,14 +134,14 @@ class SpikeStats(pl.Callback):
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for i, counter in enumerate(self.counters.get(stage, []), start=1):
-            # no collective here: under DDP each process logs its own shard's counts (rank 0's
-            # reach the loggers); a collective in an epoch-end hook hung a 2-process CPU run
+            # under DDP Lightning averages each value over the processes (sync_dist): every
+            # process logs the same keys here, since each gets the same number of batches
             stats = counter.stats()
             if stats is None:
                 continue
             rate, silent = stats
-            pl_module.log(f"{stage}/layer{i}/firing_rate", rate, on_epoch=True)
-            pl_module.log(f"{stage}/layer{i}/silent_frac", silent, on_epoch=True)
+            pl_module.log(f"{stage}/layer{i}/firing_rate", rate, on_epoch=True, sync_dist=True)
+            pl_module.log(f"{stage}/layer{i}/silent_frac", silent, on_epoch=True, sync_dist=True)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._start("train")
