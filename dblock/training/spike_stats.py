@@ -11,10 +11,10 @@
 ``i`` counts hidden layers from 1. The counts stay on the model's device: each forward adds one
 (n_neurons,) reduction per layer in place, without any host sync; they are read once per epoch
 (under DDP each process counts its shard and the logged values are their mean). With
-``raster_samples=k > 0`` the first k samples of the first validation batch are kept and drawn
-at the end of validation as one image (rows: layers; columns: samples; time across, neurons up), written atomically to
-``<dirpath>/val_epoch<E>.png`` (``E`` as in metrics.csv's ``epoch`` column) and logged as the
-image ``val/raster`` to every wandb logger.
+``raster_samples=k > 0`` the first k samples of the first validation batch are kept and drawn at
+the end of validation as one image (rows: layers; columns: samples; time across, neurons up),
+written atomically to ``<dirpath>/val_epoch<E>.png`` (``E`` as in metrics.csv's ``epoch``
+column) and logged as the image ``val/raster`` to every wandb logger.
 """
 
 from __future__ import annotations
