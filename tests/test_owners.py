@@ -37,7 +37,7 @@ ENV = {"PYTHONPATH": str(ROOT), "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
 
 HOLD_LOCK = """
 import os, sys, time
-from dblock import files
+from dblock.launch.lock import RunLock
 lock = RunLock(sys.argv[1])
 lock.acquire()
 print(os.getpid(), flush=True)
@@ -46,7 +46,7 @@ time.sleep(120)
 
 WRITE_TEMP = """
 import os, subprocess, sys, time
-from dblock import files
+from dblock.files import atomic_path
 if os.getpid() == 1:  # the container's first process starts the writer: not pid 1
     sys.exit(subprocess.call([sys.executable, "-c", os.environ["SCRIPT"], *sys.argv[1:]]))
 with atomic_path(sys.argv[1]) as tmp:
@@ -58,7 +58,7 @@ with atomic_path(sys.argv[1]) as tmp:
 
 REMOVE = """
 import sys
-from dblock import files
+from dblock.files import remove_orphans
 print([p.name for p in remove_orphans([sys.argv[1]])])
 """
 
